@@ -1,0 +1,123 @@
+"""One typed config for a training run. Every field is a keyword of `train()` and a `qlora-lite train` flag.
+
+Planner knobs default to None, meaning "let the planner choose"; a value the user sets stays fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+PLANNER_KNOBS = (
+    "quantization",
+    "double_quant",
+    "compute_dtype",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "effective_batch_size",
+    "max_seq_length",
+    "gradient_checkpointing",
+    "optimizer",
+    "attn_implementation",
+    "lora_r",
+    "lora_target_modules",
+)
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: Any
+    output_dir: str
+    # data
+    format: str | None = None
+    columns: dict[str, str] | None = None
+    eval_fraction: float = 0.1
+    train_on: str = "assistant"  # "assistant": loss on responses only; "all": every token
+    # schedule
+    max_steps: int | None = None
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_every: int | None = None  # optimizer steps; None: about 5 evaluations per run
+    # LoRA (rank and targets are planner knobs too: they change memory)
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list[str] | None = None
+    # planner knobs
+    quantization: str | None = None
+    double_quant: bool | None = None
+    compute_dtype: str | None = None
+    micro_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    effective_batch_size: int | None = None
+    max_seq_length: int | None = None
+    gradient_checkpointing: bool | None = None
+    optimizer: str | None = None
+    attn_implementation: str | None = None
+    # machine and behaviour
+    hardware: Any = None  # None: detect; a profile name ("t4") or a HardwareProfile
+    max_memory: str | int | None = None
+    overwrite: bool = False
+    progress: bool = True
+    callbacks: list[Any] = field(default_factory=list)
+
+    def fixed_knobs(self) -> dict[str, Any]:
+        """The planner knobs the user set (everything else the planner fills in)."""
+        knobs = {name: getattr(self, name) for name in PLANNER_KNOBS if getattr(self, name) is not None}
+        if self.max_memory is not None:
+            knobs["max_memory"] = self.max_memory
+        return knobs
+
+    def validate(self) -> None:
+        """Collect every problem, then raise once."""
+        problems = []
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 (got {self.max_steps})")
+        if self.epochs <= 0:
+            problems.append(f"epochs must be > 0 (got {self.epochs})")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate must be in (0, 1) (got {self.learning_rate})")
+        if not 0 <= self.eval_fraction < 0.5:
+            problems.append(f"eval_fraction must be in [0, 0.5) (got {self.eval_fraction})")
+        if self.lr_scheduler not in SCHEDULERS:
+            problems.append(
+                f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r})"
+            )
+        if self.train_on not in ("assistant", "all"):
+            problems.append(f"train_on must be 'assistant' or 'all' (got {self.train_on!r})")
+        for name in (
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "effective_batch_size",
+            "max_seq_length",
+            "lora_r",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be a positive integer (got {value!r})")
+        if self.eval_every is not None and self.eval_every < 1:
+            problems.append(f"eval_every must be >= 1 (got {self.eval_every})")
+        if problems:
+            raise UserError("invalid training settings: " + "; ".join(problems))
+
+
+def make_config(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserError(
+            f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names - {'model', 'data', 'output_dir'}))}"
+        )
+    config = TrainConfig(model=str(model), data=data, output_dir=str(output_dir), **overrides)
+    config.validate()
+    return config

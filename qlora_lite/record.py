@@ -1,0 +1,94 @@
+"""What a run folder says about itself: the run record (JSON), the per-step log and the loss plot."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+
+RUN_RECORD = "run_record.json"
+STEP_LOG = "steps.jsonl"
+LOSS_PLOT = "loss.png"
+TRACKED_PACKAGES = (
+    "qlora-lite",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "trl",
+    "datasets",
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def model_identity(model_path: str) -> dict[str, str | None]:
+    """Base model path plus a revision: the Hub commit when known, else a hash of the local config+weights index."""
+    path = Path(model_path)
+    identity: dict[str, str | None] = {"path": model_path, "revision": None, "config_sha256": None}
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            identity["config_sha256"] = hashlib.sha256(config.read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            stat = weights.stat()
+            digest.update(f"{weights.name}:{stat.st_size}".encode())
+            # The safetensors header holds every tensor's name, dtype, shape and offsets: cheap and telling.
+            with open(weights, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+        identity["revision"] = "local-" + digest.hexdigest()[:16]
+    return identity
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def append_step_log(run_dir: Path, row: dict) -> None:
+    with open(run_dir / STEP_LOG, "a") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def plot_loss(history: list[dict], eval_history: list[dict], path: Path, title: str) -> Path | None:
+    """Training loss per optimizer step (and eval loss when measured) as a PNG."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss", linewidth=1.2)
+    if eval_history:
+        ax.plot(
+            [r["step"] for r in eval_history], [r["eval_loss"] for r in eval_history], "o-", label="eval loss"
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
