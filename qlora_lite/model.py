@@ -207,5 +207,6 @@ def load_for_inference(
         from peft import PeftModel
 
         base_model = PeftModel.from_pretrained(base_model, str(adapter))
+    base_model.config.use_cache = True  # training turns the KV cache off; generation wants it
     base_model.eval()
     return base_model, tokenizer
