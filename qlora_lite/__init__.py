@@ -9,36 +9,35 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+# Imported eagerly on purpose: `train`, `plan` and `generate` are both modules and functions, and the
+# function must win whatever imports the submodule later.
+from .data import detect_format, load_records
+from .demo import run_demo
+from .demo_model import ensure_demo_model
+from .errors import UserError
+from .generate import Generator, generate
+from .hardware import HardwareProfile, detect
+from .memory import estimate_memory
+from .plan import Plan, plan
+from .profiles import get_profile
+from .train import TrainResult, train
 
 __version__ = "0.1.0"
 
-# Public name -> module; imported on first use so `import qlora_lite` stays fast (no torch until needed).
-_EXPORTS = {
-    "detect": "hardware",
-    "HardwareProfile": "hardware",
-    "plan": "plan",
-    "Plan": "plan",
-    "estimate_memory": "memory",
-    "get_profile": "profiles",
-    "train": "train",
-    "TrainResult": "train",
-    "generate": "generate",
-    "Generator": "generate",
-    "load_records": "data",
-    "detect_format": "data",
-    "UserError": "errors",
-    "ensure_demo_model": "demo_model",
-    "run_demo": "demo",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'qlora_lite' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "Generator",
+    "HardwareProfile",
+    "Plan",
+    "TrainResult",
+    "UserError",
+    "detect",
+    "detect_format",
+    "ensure_demo_model",
+    "estimate_memory",
+    "generate",
+    "get_profile",
+    "load_records",
+    "plan",
+    "run_demo",
+    "train",
+]

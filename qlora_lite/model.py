@@ -139,6 +139,7 @@ def attach_lora(
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
+    keep_4bit_weights_differentiable(model)
     targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,
@@ -152,6 +153,22 @@ def attach_lora(
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"LoRA target modules {targets!r} do not match this model: {exc}") from exc
+
+
+def keep_4bit_weights_differentiable(model) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on a model that will be trained.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight for an AVX512-BF16 kernel the first time it runs in eval
+    mode without grad on CPU, and keeps it so: later training steps then go through `gemv_4bit`, which has
+    no autograd, and the gradients reaching LoRA layers below it are silently wrong. Evaluation inside a
+    training run triggers exactly that. Remove when bitsandbytes undoes the packing on `.train()`.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def load_tokenizer(model_path: str, revision: str | None = None):

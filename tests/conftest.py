@@ -1,0 +1,24 @@
+import os
+
+# Tests never reach a model hub: everything they load is built in-process or shipped in a package.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from models_util import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """{architecture: model folder} for every tiny test architecture, built once per session."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    from models_util import ARCHITECTURES
+
+    return {arch: str(build_tiny_model(arch, root / arch)) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models) -> str:
+    return tiny_models["llama"]
