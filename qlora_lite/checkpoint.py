@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -48,6 +47,7 @@ from .durable import (
     publish_dir,
     remove_tree,
 )
+from .durable_copy import DurableCopier, describe_error
 from .errors import UserError
 
 __all__ = [
@@ -66,15 +66,6 @@ STAGING = ".staging-"
 FileSource = bytes | Callable[[BinaryIO], None] | os.PathLike
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EROFS, errno.EPERM}
-
-
-def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno in errno.errorcode:
-        text = exc.strerror or str(exc)
-        if exc.filename and exc.filename not in text:
-            text += f": {exc.filename}"
-        return f"{text} [{errno.errorcode[exc.errno]}]"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -137,20 +128,11 @@ class CheckpointStore:
         self.keep = keep
         self.background = background
         self.retry_seconds = retry_seconds
-        self.last_durable_error: str | None = None
-        self.durable_step: int | None = None  # newest step with a verified durable copy (this session)
         self._verified: dict[tuple[str, str], CheckpointInfo] = {}
         self._warned: set[str] = set()
-        self._cond = threading.Condition()
-        self._pending: CheckpointInfo | None = None
-        self._busy: str | None = None
-        self._failures = 0
-        self._retry_at = 0.0
-        self._retry_now = False
-        self._started = 0
-        self._finished = 0
-        self._stop = False
-        self._thread: threading.Thread | None = None
+        self._copier = (
+            DurableCopier(self.backend, background, retry_seconds, self._after_copy) if self.backend else None
+        )
 
     @property
     def durable_ok(self) -> bool:
@@ -211,8 +193,8 @@ class CheckpointStore:
         total = sum(entry["size"] for entry in entries.values())
         log.info("saved %s (%.1f MB) in %.2f s", info.path, total / 1e6, time.monotonic() - started)
         self._rotate_local()
-        if self.backend is not None:
-            self._queue(info)
+        if self._copier is not None:
+            self._copier.submit(info)
         return info
 
     def _local_error(self, exc: OSError, name: str, current: str) -> BaseException:
@@ -229,7 +211,7 @@ class CheckpointStore:
             )
         return exc
 
-    def _rotate(self, names: Iterable[str], location: str, folder, delete, protect: set[str | None]) -> None:
+    def _rotate(self, names: Iterable[str], location: str, folder, delete, protect: set[str]) -> None:
         """Keep the `keep` newest verified checkpoints (and anything newer); delete the older ones."""
         kept = 0
         for name in sorted(names, key=step_of, reverse=True):
@@ -253,8 +235,7 @@ class CheckpointStore:
         return [p.name for p in self.local_root.iterdir() if step_of(p.name) is not None and p.is_dir()]
 
     def _rotate_local(self) -> None:
-        with self._cond:
-            protect = {self._busy, self._pending.name if self._pending else None}
+        protect = self._copier.protected() if self._copier else set()
         try:
             self._rotate(
                 self._local_names(),
@@ -273,133 +254,40 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------------------- the durable copy
 
-    def _queue(self, info: CheckpointInfo) -> None:
-        with self._cond:
-            if self._pending is None or info.step >= self._pending.step:
-                self._pending = info
-            self._retry_now = True
-            if self.background and self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._work, name="qlora-lite-durable-copy", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify_all()
-        if not self.background:
-            self._copy_pending()
+    @property
+    def last_durable_error(self) -> str | None:
+        """Why the latest durable copy failed (None while copies work or without a durable place)."""
+        return self._copier.last_error if self._copier else None
 
-    def _copy_pending(self) -> None:
-        with self._cond:
-            job, self._pending = self._pending, None
-            if job is None:
-                return
-            self._busy = job.name
-            self._started += 1
-        ok = self._copy_one(job)
-        with self._cond:
-            self._busy = None
-            if not ok and self._pending is None:
-                self._pending = job
-            self._finished += 1
-            self._cond.notify_all()
+    @property
+    def durable_step(self) -> int | None:
+        """The newest step this process copied to the durable place and verified there."""
+        return self._copier.durable_step if self._copier else None
 
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stop:
-                    if self._pending is not None:
-                        wait = self._retry_at - time.monotonic()
-                        if self._retry_now or wait <= 0:
-                            break
-                        self._cond.wait(wait)
-                    else:
-                        self._cond.wait()
-                if self._stop:
-                    return
-                self._retry_now = False
-            self._copy_pending()
-
-    def _copy_one(self, job: CheckpointInfo) -> bool:
+    def _after_copy(self, job: CheckpointInfo) -> None:
         assert self.backend is not None
-        if not job.path.is_dir():
-            return True  # rotated away locally: a newer checkpoint supersedes it
-        try:
-            self.backend.upload(job.path, job.name)
-        except Exception as exc:  # noqa: BLE001 - a durable fault must never reach training
-            self._copy_failed(job, exc)
-            return False
         path = self.backend.folder(job.name) or job.path
         self._verified[("durable", job.name)] = CheckpointInfo(
             path, job.step, job.manifest, job.written_unix, "durable"
         )
-        self.durable_step = max(job.step, self.durable_step or 0)
-        with self._cond:
-            recovered, self.last_durable_error, self._failures = self.last_durable_error, None, 0
-        if recovered:
-            log.warning("the durable copy works again: %s is in %s", job.name, self.backend.description)
-        else:
-            log.info("copied %s to %s (verified)", job.name, self.backend.description)
         try:
-            names = self.backend.list()
-            self._rotate(names, "durable", self.backend.folder, self.backend.delete, {job.name})
-        except Exception as exc:  # noqa: BLE001
+            self._rotate(self.backend.list(), "durable", self.backend.folder, self.backend.delete, {job.name})
+        except Exception as exc:  # noqa: BLE001 - never into training
             self._warn_once(
                 f"durable-rotate:{type(exc).__name__}",
                 f"could not remove old checkpoints in {self.backend.description}: {describe_error(exc)}",
             )
-        return True
-
-    def _copy_failed(self, job: CheckpointInfo, exc: BaseException) -> None:
-        assert self.backend is not None
-        with self._cond:
-            self._failures += 1
-            first, max_delay = self.retry_seconds
-            delay = min(first * 2 ** (self._failures - 1), max_delay)
-            self._retry_at = time.monotonic() + delay
-            first_failure = self.last_durable_error is None
-            self.last_durable_error = f"{job.name} -> {self.backend.description}: {describe_error(exc)}"
-        if first_failure:
-            log.warning(
-                "could not copy %s to the durable place %s: %s. Training goes on; the checkpoints already "
-                "there are intact; the copy is retried at the next save or within %.0f s (reported once).",
-                job.name,
-                self.backend.description,
-                describe_error(exc),
-                max_delay,
-            )
-        else:
-            log.debug("durable copy retry %d failed: %s", self._failures, self.last_durable_error)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Try the pending durable copy now and wait for it; True when every checkpoint is copied."""
-        if self.backend is None:
-            return True
-        if not self.background:
-            self._copy_pending()
-            return self._pending is None and self.durable_ok
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            target = self._started + 1
-            self._retry_now = True
-            self._cond.notify_all()
-            while self._pending is not None or self._busy is not None:
-                if self._finished >= target and self._busy is None and self.last_durable_error is not None:
-                    break  # tried again after the call and failed: report instead of waiting forever
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return self._pending is None and self._busy is None and self.last_durable_error is None
+        """Try the pending durable copy now and wait for it; True when every checkpoint is copied.
+
+        Returns False after one failed try (the copy stays queued and is retried) or at `timeout`.
+        """
+        return self._copier.flush(timeout) if self._copier else True
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush the durable copy and stop the worker; returns flush()'s answer."""
-        ok = self.flush(timeout)
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0 if timeout is None else min(timeout, 1.0))
-            self._thread = None
-        return ok
+        """Flush the durable copy and stop its worker; returns flush()'s answer."""
+        return self._copier.close(timeout) if self._copier else True
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -473,8 +361,8 @@ class CheckpointStore:
             if name in local:
                 checked = verify_checkpoint(self.local_root / name, "local")
                 if isinstance(checked, CheckpointInfo):
-                    if self.backend is not None and name not in durable:
-                        self._queue(checked)  # the previous process died before copying it
+                    if self._copier is not None and name not in durable:
+                        self._copier.submit(checked)  # the previous process died before copying it
                     return checked
                 self._warn_once(str(checked.path), f"skipping {checked.message()}")
             if name in durable:

@@ -90,7 +90,7 @@ class CorruptCheckpointError(UserError):
 
 def format_size(size: int) -> str:
     if size < 1000:
-        return f"{size} bytes"
+        return "1 byte" if size == 1 else f"{size} bytes"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
