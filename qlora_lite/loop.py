@@ -197,14 +197,27 @@ def evaluate_loss(
     micro_batch_size: int,
     autocast_dtype: torch.dtype | None = None,
 ) -> float | None:
-    """Mean token loss on held-out examples (token-weighted, like training)."""
+    """Mean token loss on held-out examples (token-weighted, like training); halves its batch on OOM."""
     if not examples:
         return None
     was_training = model.training
     model.eval()
+    try:
+        while True:
+            try:
+                return _eval_pass(model, examples, pad_token_id, device, micro_batch_size, autocast_dtype)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or micro_batch_size == 1:
+                    raise
+                micro_batch_size //= 2
+                log.warning("out of memory during evaluation: retrying at micro-batch %d", micro_batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _eval_pass(model, examples, pad_token_id, device, micro_batch_size, autocast_dtype) -> float | None:
     total, count = 0.0, 0
-    indices = list(range(len(examples)))
-    for micro in split_micro_batches(indices, examples, micro_batch_size):
+    for micro in split_micro_batches(range(len(examples)), examples, micro_batch_size):
         batch = collate([examples[i] for i in micro], pad_token_id, device)
         n = sum(supervised_tokens(examples[i]) for i in micro)
         if n == 0:
@@ -217,7 +230,6 @@ def evaluate_loss(
             loss = model(**batch, num_items_in_batch=torch.tensor(n, device=device)).loss
         total += float(loss) * n
         count += n
-    model.train(was_training)
     return total / count if count else None
 
 

@@ -175,13 +175,6 @@ def run(config: TrainConfig) -> TrainResult:
             f"the run does not fit in {hardware.name} memory even as planned; {getattr(the_plan, 'nearest_fit', '')}"
         )
     prepared = prepare_data(config, tokenizer, max_seq_length=the_plan.max_seq_length)
-    if prepared.stats.n_truncated:
-        log.warning(
-            "%d of %d training examples are longer than %d tokens and were truncated",
-            prepared.stats.n_truncated,
-            prepared.stats.n_examples,
-            the_plan.max_seq_length,
-        )
 
     seed_everything(config.seed)
     accelerator = hardware.accelerator if config.hardware is None else detect(config.output_dir).accelerator

@@ -112,6 +112,8 @@ class OomAt:
 
     def on_model_ready(self, model) -> None:
         def hook(module, args):
+            if not module.training:  # count training forwards only (not the periodic eval)
+                return
             self.count += 1
             if self.count in self.calls:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
@@ -213,11 +215,16 @@ def test_unknown_setting_and_bad_values_are_user_errors(tiny_model, tmp_path):
 
 
 def test_long_examples_are_truncated_and_counted(tiny_model, tmp_path):
-    rows = [{"instruction": "Repeat: " + "fox " * 200, "output": "fox " * 40} for _ in range(8)]
-    rows += INSTRUCTION_ROWS[:8]
+    long_prompts = [{"instruction": "Repeat: " + "fox " * 200, "output": "fox"} for _ in range(4)]
+    long_answers = [{"instruction": "Repeat fox", "output": "fox " * 200} for _ in range(4)]
+    rows = long_prompts + long_answers + INSTRUCTION_ROWS[:8]
     result = qlora_lite.train(
         tiny_model, rows, tmp_path / "run", max_seq_length=64, eval_fraction=0.0, **{**FAST, "max_steps": 1}
     )
     record = json.loads(result.run_record.read_text())
-    assert record["data"]["truncated_examples"] + record["data"]["dropped_examples"] == 8
+    assert record["data"]["truncated_examples"] == 8  # every long one is cut at 64 tokens, none fails the run
+    assert (
+        record["data"]["dropped_examples"] == 4
+    )  # the prompt filled all 64 tokens: no response left to learn
+    assert record["data"]["train_examples"] == 12
     assert record["plan"]["max_seq_length"] == 64
