@@ -1,10 +1,10 @@
 """qlora_lite: fine-tune language models with LoRA/QLoRA on the machine you have.
 
-    import qlora_lite
-    hw = qlora_lite.detect()
-    print(qlora_lite.plan("path/to/model", hardware="t4").explain())
-    result = qlora_lite.train(model="path/to/model", data="train.jsonl", output_dir="runs/my-run")
-    print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
+import qlora_lite
+hw = qlora_lite.detect()
+print(qlora_lite.plan("path/to/model", hardware="t4").explain())
+result = qlora_lite.train(model="path/to/model", data="train.jsonl", output_dir="runs/my-run")
+print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
 """
 
 from __future__ import annotations

@@ -129,7 +129,10 @@ def describe(profile: HardwareProfile) -> list[tuple[str, str]]:
     rows += [
         ("native bf16", "yes" if profile.native_bf16 else "no"),
         ("cpu cores", str(profile.cpu_count)),
-        ("ram", f"{format_bytes(profile.ram_total_bytes)} total, {format_bytes(profile.ram_available_bytes)} available"),
+        (
+            "ram",
+            f"{format_bytes(profile.ram_total_bytes)} total, {format_bytes(profile.ram_available_bytes)} available",
+        ),
         ("disk", f"{format_bytes(profile.disk_free_bytes)} free at {profile.disk_path}"),
     ]
     return rows

@@ -10,7 +10,9 @@ def test_environment_from_variables_a_subprocess_also_sees():
 def test_bf16_by_compute_capability_not_by_torch_emulation():
     t4 = GpuInfo(0, "Tesla T4", 15 * 2**30, 15 * 2**30, (7, 5))
     a100 = GpuInfo(0, "A100", 80 * 2**30, 80 * 2**30, (8, 0))
-    base = dict(ram_total_bytes=1, ram_available_bytes=1, disk_free_bytes=1, disk_path="/", environment="local")
+    base = dict(
+        ram_total_bytes=1, ram_available_bytes=1, disk_free_bytes=1, disk_path="/", environment="local"
+    )
     assert not HardwareProfile("cuda", (t4,), **base).native_bf16
     assert HardwareProfile("cuda", (a100,), **base).native_bf16
     assert not HardwareProfile("cuda", (t4, a100), **base).native_bf16  # the weakest GPU decides
