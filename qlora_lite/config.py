@@ -6,6 +6,7 @@ Planner knobs default to None, meaning "let the planner choose"; a value the use
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ PLANNER_KNOBS = (
     "lora_target_modules",
 )
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+RESUME_MODES = ("auto", "never", "force")
+# Fields that are not settings: where things are, and live objects.
+_NOT_SETTINGS = ("model", "data", "output_dir", "callbacks", "hardware", "progress")
 
 
 @dataclass
@@ -64,8 +68,14 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None
     optimizer: str | None = None
     attn_implementation: str | None = None
+    # never lose work
+    checkpoint_dir: str | None = None  # the durable place; None: Google Drive when mounted, else local only
+    save_every_minutes: float | None = None  # None: the plan's interval (at most 10 minutes)
+    save_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # "auto": continue the same run if found; "never"; "force": even if settings differ
     # machine and behaviour
-    hardware: Any = None  # None: detect; a profile name ("t4") or a HardwareProfile
+    hardware: Any = None  # None: detect; a profile name ("t4") or a HardwareProfile to plan for
     max_memory: str | int | None = None
     overwrite: bool = False
     progress: bool = True
@@ -77,6 +87,21 @@ class TrainConfig:
         if self.max_memory is not None:
             knobs["max_memory"] = self.max_memory
         return knobs
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able: the inputs and every setting, as `qlora-lite resume` needs them."""
+        settings = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_SETTINGS
+        }
+        data = self.data if isinstance(self.data, str) else None
+        hardware = self.hardware if isinstance(self.hardware, str) else None
+        return {
+            "model": self.model,
+            "data": data,
+            "output_dir": self.output_dir,
+            "hardware": hardware,
+            "settings": settings,
+        }
 
     def validate(self) -> None:
         """Collect every problem, then raise once."""
@@ -105,6 +130,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer (got {value!r})")
+        if self.resume not in RESUME_MODES:
+            problems.append(f"resume must be one of {', '.join(RESUME_MODES)} (got {self.resume!r})")
+        if self.save_every_minutes is not None and self.save_every_minutes <= 0:
+            problems.append(f"save_every_minutes must be > 0 (got {self.save_every_minutes})")
+        if self.save_every_steps is not None and self.save_every_steps < 1:
+            problems.append(f"save_every_steps must be >= 1 (got {self.save_every_steps})")
+        if self.keep_checkpoints < 1:
+            problems.append(f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval_every must be >= 1 (got {self.eval_every})")
         if problems:
@@ -118,6 +151,8 @@ def make_config(model: str, data: Any, output_dir: str, **overrides: Any) -> Tra
         raise UserError(
             f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names - {'model', 'data', 'output_dir'}))}"
         )
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
     config = TrainConfig(model=str(model), data=data, output_dir=str(output_dir), **overrides)
     config.validate()
     return config

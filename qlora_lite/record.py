@@ -7,9 +7,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 RUN_RECORD = "run_record.json"
+RUN_CONFIG = "run_config.json"  # the settings a run started with: `qlora-lite resume` re-runs them
 STEP_LOG = "steps.jsonl"
 LOSS_PLOT = "loss.png"
 TRACKED_PACKAGES = (
@@ -63,6 +65,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def rewrite_step_log(run_dir: Path, history: list[dict], eval_history: list[dict]) -> None:
+    """Start the step log afresh from a (resumed) state: rows a killed process wrote after its last
+    checkpoint are dropped, so the log of a resumed run reads like the log of an uninterrupted one."""
+    rows = sorted([*history, *eval_history], key=lambda r: (r["step"], "eval_loss" in r))
+    tmp = run_dir / (STEP_LOG + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    os.replace(tmp, run_dir / STEP_LOG)
+
+
 def append_step_log(run_dir: Path, row: dict) -> None:
     with open(run_dir / STEP_LOG, "a") as handle:
         handle.write(json.dumps(row, sort_keys=True) + "\n")
@@ -92,3 +103,52 @@ def plot_loss(history: list[dict], eval_history: list[dict], path: Path, title: 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def build_run_record(
+    *, config, model_path, plan, lora, prepared, identity, total_steps, eval_every, metrics, state, hardware
+) -> dict:
+    """The machine-readable description of a finished run (everything needed to reproduce or cite it)."""
+    return {
+        "qlora_lite_run": 1,
+        "task": "causal_lm",
+        "base_model": model_identity(model_path),
+        "quantization": {
+            "method": plan.quantization,
+            "double_quant": plan.double_quant,
+            "compute_dtype": plan.compute_dtype,
+        },
+        "lora": {
+            "r": lora.r,
+            "alpha": lora.lora_alpha,
+            "dropout": lora.dropout,
+            "target_modules": lora.target_modules,
+        },
+        "plan": plan.to_dict(),
+        "identity": identity,
+        "hyperparameters": {
+            **config.to_record()["settings"],
+            "total_steps": total_steps,
+            "eval_every": eval_every,
+        },
+        "data": {
+            "source": str(config.data)
+            if isinstance(config.data, (str, os.PathLike))
+            else type(config.data).__name__,
+            "format": prepared.spec.name,
+            "columns": prepared.spec.columns,
+            "format_reason": prepared.spec.reason,
+            "fingerprint": prepared.fingerprint,
+            "records": prepared.n_records,
+            "train_examples": len(prepared.train),
+            "eval_examples": len(prepared.eval),
+            "truncated_examples": prepared.stats.n_truncated,
+            "dropped_examples": prepared.stats.n_dropped,
+        },
+        "metrics": metrics,
+        "history": state.history,
+        "eval_history": state.eval_history,
+        "hardware": hardware.to_dict(),
+        "versions": library_versions(),
+        "created_unix": int(time.time()),
+    }

@@ -1,10 +1,15 @@
-"""`train()`: setup -> plan -> load -> probe -> loop -> save. Each stage lives in its own module."""
+"""`train()`: check the output -> plan -> load -> resume or start -> probe -> loop -> save.
+
+Each stage lives in its own module; this one only wires them together.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +20,7 @@ import torch
 
 from . import data as data_mod
 from . import encode as encode_mod
+from .checkpoint import CheckpointInfo, CheckpointStore, default_durable_root
 from .config import TrainConfig, make_config
 from .errors import UserError
 from .hardware import HardwareProfile, detect
@@ -30,19 +36,27 @@ from .loop import (
 from .model import LoraSettings, attach_lora, load_base_model, load_tokenizer, resolve_model, torch_dtype
 from .record import (
     LOSS_PLOT,
+    RUN_CONFIG,
     RUN_RECORD,
     STEP_LOG,
     append_step_log,
-    library_versions,
+    build_run_record,
     model_identity,
     plot_loss,
+    rewrite_step_log,
     write_json_atomic,
 )
+from .resume import Checkpointer, check_same_parameters, check_same_run, restore, run_identity
 
 log = logging.getLogger(__name__)
 
-# Files that mark a folder as holding a finished or started run.
-RUN_MARKERS = (RUN_RECORD, "adapter_config.json", STEP_LOG)
+CHECKPOINTS = "checkpoints"
+RUN_FILES = (RUN_RECORD, RUN_CONFIG, STEP_LOG, LOSS_PLOT, "adapter_config.json", "adapter_model.safetensors")
+# Planner knobs a resumed run keeps from its checkpoint (micro-batch/accumulation may be re-split).
+KEPT_ON_RESUME = (
+    "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",
+    "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class TrainResult:
     loss_plot: Path | None
     metrics: dict[str, Any]
     plan: Any = field(repr=False)
+    resumed_from_step: int | None = None
 
 
 @dataclass
@@ -71,31 +86,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_hardware(config: TrainConfig) -> HardwareProfile:
-    if config.hardware is None:
-        return detect(config.output_dir)
-    if isinstance(config.hardware, HardwareProfile):
-        return config.hardware
-    from .profiles import get_profile
+def train(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainResult:
+    """Fine-tune `model` on `data` with LoRA/QLoRA and save the adapter in `output_dir`.
 
-    return get_profile(str(config.hardware))
-
-
-def _check_output_dir(config: TrainConfig) -> Path:
-    out = Path(config.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file: give a folder for the run")
-    held = [name for name in RUN_MARKERS if (out / name).exists()]
-    if held and not config.overwrite:
-        raise UserError(
-            f"output folder {out} already holds a run ({', '.join(held)}): choose another --output, "
-            "or pass --overwrite (overwrite=True) to replace it"
-        )
-    if held:
-        for name in (*RUN_MARKERS, "adapter_model.safetensors", LOSS_PLOT):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    `overrides` are TrainConfig fields (e.g. max_steps=60, learning_rate=1e-4, micro_batch_size=4);
+    planner knobs left unset are chosen by the planner, which prints why. Re-running the same call after
+    an interruption resumes from the newest verified checkpoint.
+    """
+    return run(make_config(model, data, output_dir, **overrides))
 
 
 def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None) -> PreparedData:
@@ -104,7 +102,7 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None) -> 
     )
     if spec.task != "causal_lm":
         raise UserError(
-            f"{spec.name} data ({spec.reason}) is a classification task; it is not supported by train() yet"
+            f"{spec.name} data ({spec.reason}) is a classification task; train() does not support it yet"
         )
     conversations = data_mod.to_conversations(records, spec)
     train_items, eval_items = data_mod.split_train_eval(conversations, config.eval_fraction, seed=config.seed)
@@ -114,10 +112,6 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None) -> 
     eval_examples, _ = encode_mod.encode_dataset(
         eval_items, tokenizer, max_seq_length, train_on=config.train_on
     )
-    if not train_examples:
-        raise UserError(
-            f"no training example has a response token left (of {len(records)} records): check the data"
-        )
     return PreparedData(
         spec, data_mod.fingerprint(records, spec), train_examples, eval_examples, stats, len(records)
     )
@@ -140,44 +134,111 @@ def make_optimizer(
     return classes[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+def _prepare_output(config: TrainConfig) -> Path:
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file: give a folder for the run")
+    if config.overwrite and out.is_dir():
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+def _durable_root(config: TrainConfig, out: Path) -> Path | None:
+    if config.checkpoint_dir:
+        return Path(config.checkpoint_dir).expanduser()
+    root = default_durable_root(out.resolve().name or "run")
+    if root is not None:
+        log.info("Google Drive is mounted: checkpoints are copied to %s", root)
+    return root
 
 
-def train(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainResult:
-    """Fine-tune `model` on `data` with LoRA/QLoRA and save the adapter in `output_dir`.
+def _finished(out: Path, identity: dict) -> dict | None:
+    """The run record of a finished run in `out`; refuse one that belongs to another run."""
+    record_path = out / RUN_RECORD
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if record.get("identity") == identity:
+        return record
+    raise UserError(
+        f"output folder {out} already holds a different finished run ({RUN_RECORD}): choose another --output, "
+        "or pass --overwrite (overwrite=True) to replace it"
+    )
 
-    `overrides` are TrainConfig fields (e.g. max_steps=60, learning_rate=1e-4, micro_batch_size=4);
-    planner knobs left unset are chosen by the planner, which prints why.
-    """
-    config = make_config(model, data, output_dir, **overrides)
-    return run(config)
+
+def _plan(
+    model_path: str, lengths: list[int], hardware: HardwareProfile, config: TrainConfig, saved: dict | None
+):
+    from .plan import plan as make_plan
+
+    fixed = config.fixed_knobs()
+    if saved is not None:
+        # A resumed run keeps its plan; only the micro-batch split may change if this machine is smaller.
+        kept = {k: saved[k] for k in KEPT_ON_RESUME if k in saved}
+        if isinstance(kept.get("lora_target_modules"), list):
+            kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
+        fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept}
+        the_plan = make_plan(
+            model_path, data=lengths, hardware=hardware, micro_batch_size=saved["micro_batch_size"], **fixed
+        )
+        if not the_plan.fits:
+            log.warning(
+                "the saved micro-batch %d does not fit here: re-planning the split", saved["micro_batch_size"]
+            )
+            the_plan = make_plan(model_path, data=lengths, hardware=hardware, **fixed)
+    else:
+        the_plan = make_plan(model_path, data=lengths, hardware=hardware, **fixed)
+    log.info("plan:\n%s", the_plan.explain())
+    if not the_plan.fits:
+        nearest = f"; nearest plan that fits: {the_plan.nearest_fit}" if the_plan.nearest_fit else ""
+        raise UserError(
+            f"the run does not fit in {hardware.name} memory{nearest}. {the_plan.message}".strip()
+        )
+    return the_plan
 
 
 def run(config: TrainConfig) -> TrainResult:
     started = time.time()
-    out = _check_output_dir(config)
-    hardware = _resolve_hardware(config)
+    out = _prepare_output(config)
+    hardware = config.hardware if isinstance(config.hardware, HardwareProfile) else None
+    if hardware is None:
+        from .profiles import get_profile
+
+        hardware = get_profile(config.hardware) if config.hardware else detect(out)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     encode_mod.ensure_chat_template(tokenizer)
 
-    # Plan from the untruncated lengths, then encode at the planned length.
     unbounded = prepare_data(config, tokenizer, max_seq_length=None)
-    from .plan import plan as make_plan
-
-    the_plan = make_plan(model_path, data=unbounded.stats.lengths, hardware=hardware, **config.fixed_knobs())
-    log.info("plan:\n%s", the_plan.explain())
-    if not the_plan.fits:
-        raise UserError(
-            f"the run does not fit in {hardware.name} memory even as planned; {getattr(the_plan, 'nearest_fit', '')}"
+    identity = run_identity(config, model_identity(model_path), unbounded.fingerprint)
+    finished = _finished(out, identity)
+    if finished is not None:
+        log.info(
+            "%s already holds this run, finished at step %d: nothing to do", out, finished["metrics"]["steps"]
         )
+        plot = out / LOSS_PLOT
+        return TrainResult(
+            out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"]
+        )
+
+    store = CheckpointStore(
+        out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
+    )
+    latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
+    if latest is not None:
+        check_same_run(latest, identity, force=config.resume == "force")
+    write_json_atomic(out / RUN_CONFIG, config.to_record())
+
+    the_plan = _plan(
+        model_path, unbounded.stats.lengths, hardware, config, latest.metadata.get("plan") if latest else None
+    )
     prepared = prepare_data(config, tokenizer, max_seq_length=the_plan.max_seq_length)
 
     seed_everything(config.seed)
-    accelerator = hardware.accelerator if config.hardware is None else detect(config.output_dir).accelerator
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     device = (
         torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
     )
@@ -189,24 +250,28 @@ def run(config: TrainConfig) -> TrainResult:
         accelerator=accelerator,
         attn_implementation=the_plan.attn_implementation,
     )
+    targets = the_plan.lora_target_modules
     lora = LoraSettings(
-        r=the_plan.lora_r,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=the_plan.lora_target_modules
-        if isinstance(the_plan.lora_target_modules, str)
-        else tuple(the_plan.lora_target_modules),
+        the_plan.lora_r,
+        config.lora_alpha,
+        config.lora_dropout,
+        targets if isinstance(targets, str) else tuple(targets),
     )
-    peft_model = attach_lora(base, lora, gradient_checkpointing=the_plan.gradient_checkpointing)
-    peft_model.train()
+    model = attach_lora(base, lora, gradient_checkpointing=the_plan.gradient_checkpointing)
+    model.train()
     for callback in config.callbacks:
         if hasattr(callback, "on_model_ready"):
-            callback.on_model_ready(peft_model)
+            callback.on_model_ready(model)
 
-    per_epoch = steps_per_epoch(len(prepared.train), the_plan.effective_batch_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(the_plan.optimizer, trainable, config.learning_rate, config.weight_decay)
+    total_steps = config.max_steps or max(
+        1, math.ceil(config.epochs * steps_per_epoch(len(prepared.train), the_plan.effective_batch_size))
+    )
+    optimizer = make_optimizer(
+        the_plan.optimizer,
+        [p for p in model.parameters() if p.requires_grad],
+        config.learning_rate,
+        config.weight_decay,
+    )
     from transformers import get_scheduler
 
     scheduler = get_scheduler(
@@ -215,54 +280,87 @@ def run(config: TrainConfig) -> TrainResult:
         num_warmup_steps=int(config.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    state = LoopState(micro_batch_size=the_plan.micro_batch_size)
+    if latest is not None:
+        check_same_parameters(latest, model)
+        state = restore(store, latest, model, optimizer, scheduler)
+        state.micro_batch_size = the_plan.micro_batch_size
+        rewrite_step_log(out, state.history, state.eval_history)
+    else:
+        rewrite_step_log(out, [], [])
+
     autocast_dtype = (
         None
         if device.type == "cpu" or the_plan.compute_dtype == "fp32"
         else torch_dtype(the_plan.compute_dtype)
     )
-    scaler = (
-        torch.amp.GradScaler("cuda") if device.type == "cuda" and the_plan.compute_dtype == "fp16" else None
-    )
-    state = LoopState(micro_batch_size=the_plan.micro_batch_size)
     runner = StepRunner(
-        peft_model,
-        optimizer,
-        scheduler,
-        prepared.train,
-        pad_token_id=tokenizer.pad_token_id,
-        device=device,
-        max_grad_norm=config.max_grad_norm,
-        autocast_dtype=autocast_dtype,
-        grad_scaler=scaler,
+        model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
+        max_grad_norm=config.max_grad_norm, autocast_dtype=autocast_dtype,
+        grad_scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" and the_plan.compute_dtype == "fp16" else None,
+    )  # fmt: skip
+    every_seconds = (
+        config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds
     )
+    checkpointer = Checkpointer(
+        store, model, optimizer, scheduler,
+        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": str(store.backend.root) if store.backend and hasattr(store.backend, "root") else None},
+        every_seconds=every_seconds, every_steps=config.save_every_steps,
+    )  # fmt: skip
     eval_every = config.eval_every or max(1, total_steps // 5)
-
-    # Probe: the longest examples, one micro-batch, forward+backward, no update. An OOM here backs off
-    # before any real step runs, instead of 3 hours in when the longest batch finally comes up.
-    longest = sorted(range(len(prepared.train)), key=lambda i: -len(prepared.train[i].input_ids))
+    train_seconds = time.perf_counter()
     try:
+        # Probe: the longest examples, one micro-batch, forward+backward, no update. An OOM shows up now
+        # and backs off before any real step, not hours in when the longest batch comes up.
+        longest = sorted(range(len(prepared.train)), key=lambda i: -len(prepared.train[i].input_ids))
         runner.run(longest[: state.micro_batch_size], state, apply=False)
         _run_steps(
             config,
             out,
             prepared,
             runner,
+            checkpointer,
             state,
             total_steps,
             the_plan.effective_batch_size,
             eval_every,
-            device,
-            autocast_dtype,
             tokenizer,
         )
+        checkpointer.save(state)
     except OutOfMemoryAtMicroBatchOne as exc:
         raise UserError(str(exc)) from exc
+    except KeyboardInterrupt:
+        log.warning("interrupted: saving a checkpoint at step %d before stopping", state.step)
+        checkpointer.save(state)
+        store.flush(timeout=60)
+        raise
+    train_seconds = time.perf_counter() - train_seconds
+    if not store.flush(timeout=120):
+        log.warning(
+            "the durable copy of the last checkpoint is not finished: %s",
+            store.last_durable_error or "still copying",
+        )
+    store.close(timeout=5)
 
-    seconds = time.time() - started
-    peft_model.save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    metrics = _metrics(state, time.time() - started, train_seconds, checkpointer.seconds_saving)
+    plot = plot_loss(
+        state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} LoRA"
+    )
+    record = build_run_record(
+        config=config, model_path=model_path, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
+        total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
+    )  # fmt: skip
+    write_json_atomic(out / RUN_RECORD, record)
+    log.info("saved the adapter and run record in %s", out)
+    return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
+
+
+def _metrics(state: LoopState, seconds: float, train_seconds: float, seconds_saving: float) -> dict[str, Any]:
     final_eval = state.eval_history[-1]["eval_loss"] if state.eval_history else None
-    metrics = {
+    step_seconds = sum(r["seconds"] for r in state.history)
+    return {
         "train_loss": state.history[-1]["loss"] if state.history else None,
         "eval_loss": final_eval,
         "eval_perplexity": math.exp(final_eval) if final_eval is not None and final_eval < 50 else None,
@@ -270,68 +368,12 @@ def run(config: TrainConfig) -> TrainResult:
         "examples_seen": state.examples_seen,
         "tokens_seen": state.tokens_seen,
         "seconds": round(seconds, 2),
-        "tokens_per_second": round(
-            state.tokens_seen / max(1e-9, sum(r["seconds"] for r in state.history)), 2
-        ),
+        "tokens_per_second": round(state.tokens_seen / max(1e-9, step_seconds), 2),
+        "checkpoint_seconds": round(seconds_saving, 3),
+        "checkpoint_overhead": round(seconds_saving / max(1e-9, train_seconds), 4),
         "oom_backoffs": state.oom_backoffs,
         "final_micro_batch_size": state.micro_batch_size,
     }
-    plot = plot_loss(
-        state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} LoRA"
-    )
-    record = {
-        "qlora_lite_run": 1,
-        "task": "causal_lm",
-        "base_model": model_identity(model_path),
-        "quantization": {
-            "method": the_plan.quantization,
-            "double_quant": the_plan.double_quant,
-            "compute_dtype": the_plan.compute_dtype,
-        },
-        "lora": {
-            "r": lora.r,
-            "alpha": lora.lora_alpha,
-            "dropout": lora.dropout,
-            "target_modules": lora.target_modules,
-        },
-        "plan": the_plan.to_dict(),
-        "hyperparameters": {
-            "max_steps": config.max_steps,
-            "epochs": config.epochs,
-            "total_steps": total_steps,
-            "learning_rate": config.learning_rate,
-            "lr_scheduler": config.lr_scheduler,
-            "warmup_ratio": config.warmup_ratio,
-            "weight_decay": config.weight_decay,
-            "max_grad_norm": config.max_grad_norm,
-            "seed": config.seed,
-            "eval_every": eval_every,
-            "train_on": config.train_on,
-        },
-        "data": {
-            "source": str(config.data)
-            if isinstance(config.data, (str, Path))
-            else type(config.data).__name__,
-            "format": prepared.spec.name,
-            "columns": prepared.spec.columns,
-            "format_reason": prepared.spec.reason,
-            "fingerprint": prepared.fingerprint,
-            "records": prepared.n_records,
-            "train_examples": len(prepared.train),
-            "eval_examples": len(prepared.eval),
-            "truncated_examples": prepared.stats.n_truncated,
-            "dropped_examples": prepared.stats.n_dropped,
-        },
-        "metrics": metrics,
-        "history": state.history,
-        "eval_history": state.eval_history,
-        "hardware": hardware.to_dict(),
-        "versions": library_versions(),
-        "created_unix": int(time.time()),
-    }
-    write_json_atomic(out / RUN_RECORD, record)
-    log.info("saved the adapter and run record in %s", out)
-    return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan)
 
 
 def _run_steps(
@@ -339,17 +381,20 @@ def _run_steps(
     out,
     prepared,
     runner,
+    checkpointer,
     state,
     total_steps,
     effective_batch_size,
     eval_every,
-    device,
-    autocast_dtype,
     tokenizer,
 ) -> None:
-    """The optimizer steps from `state.step` to `total_steps`, with eval, the step log and the progress bar."""
+    """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar."""
+    from tqdm.auto import tqdm
+
     throughput = Throughput()
-    bar = _progress_bar(total_steps, state.step, config.progress)
+    bar = tqdm(
+        total=total_steps, initial=state.step, disable=not config.progress, unit="step", dynamic_ncols=True
+    )
     try:
         while state.step < total_steps:
             indices = step_examples(state.step, len(prepared.train), effective_batch_size, config.seed)
@@ -377,13 +422,15 @@ def _run_steps(
                     runner.model,
                     prepared.eval,
                     tokenizer.pad_token_id,
-                    device,
+                    runner.device,
                     state.micro_batch_size,
-                    autocast_dtype,
+                    runner.autocast_dtype,
                 )
                 if eval_loss is not None:
                     state.eval_history.append({"step": state.step, "eval_loss": round(eval_loss, 6)})
-                    append_step_log(out, {"step": state.step, "eval_loss": round(eval_loss, 6)})
+                    append_step_log(out, state.eval_history[-1])
+            if state.step < total_steps and checkpointer.due(state):
+                checkpointer.save(state)
             for callback in config.callbacks:
                 if hasattr(callback, "on_step_end"):
                     callback.on_step_end(state)

@@ -150,8 +150,9 @@ def test_output_holding_a_run_is_refused_and_kept(tiny_model, tmp_path, capsys):
         == 0
     )
     before = (out / "adapter_model.safetensors").read_bytes()
+    other_run = [*FAST_FLAGS, "--learning-rate", "1e-3"]
     code, err = run_cli(
-        ["train", "--model", tiny_model, "--data", data, "--output", str(out), *FAST_FLAGS], capsys
+        ["train", "--model", tiny_model, "--data", data, "--output", str(out), *other_run], capsys
     )
     assert code == 2
     assert_one_clear_line(err, str(out), "--overwrite")

@@ -193,16 +193,19 @@ def test_each_data_format_trains(tiny_model, tmp_path, rows):
     assert result.metrics["steps"] == 1 and result.metrics["tokens_seen"] > 0
 
 
-def test_refuses_an_output_folder_that_holds_a_run_unless_overwrite(tiny_model, tmp_path):
+def test_a_finished_run_is_returned_a_different_one_refused_unless_overwrite(tiny_model, tmp_path):
     first = qlora_lite.train(tiny_model, INSTRUCTION_ROWS, tmp_path / "run", **{**FAST, "max_steps": 1})
     adapter_bytes = (first.output_dir / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(UserError, match="already holds a run"):
-        qlora_lite.train(tiny_model, INSTRUCTION_ROWS, tmp_path / "run", **{**FAST, "max_steps": 1})
+    # Re-running the same cell after it finished: nothing to do, the same result.
+    again = qlora_lite.train(tiny_model, INSTRUCTION_ROWS, tmp_path / "run", **{**FAST, "max_steps": 1})
+    assert again.metrics == first.metrics
+    with pytest.raises(UserError, match="already holds a different finished run"):
+        qlora_lite.train(tiny_model, INSTRUCTION_ROWS, tmp_path / "run", **{**FAST, "max_steps": 2})
     assert (first.output_dir / "adapter_model.safetensors").read_bytes() == adapter_bytes
-    again = qlora_lite.train(
+    replaced = qlora_lite.train(
         tiny_model, INSTRUCTION_ROWS, tmp_path / "run", overwrite=True, **{**FAST, "max_steps": 2}
     )
-    assert again.metrics["steps"] == 2
+    assert replaced.metrics["steps"] == 2 and replaced.resumed_from_step is None
 
 
 def test_unknown_setting_and_bad_values_are_user_errors(tiny_model, tmp_path):
