@@ -227,6 +227,10 @@ def run(config: TrainConfig) -> TrainResult:
     store = CheckpointStore(
         out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
     )
+    if config.overwrite and store.backend is not None:
+        # "Replace the run" covers its durable copies too, or the next resume would find the old run there.
+        for name in store.backend.list():
+            store.backend.delete(name)
     latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
     if latest is not None:
         check_same_run(latest, identity, force=config.resume == "force")

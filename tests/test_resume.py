@@ -1,0 +1,165 @@
+"""Never lose work: a run killed with SIGKILL and re-run ends exactly like an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_lite.checkpoint import CheckpointStore
+
+WORKER = str(Path(__file__).with_name("train_worker.py"))
+ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}, yes."} for i in range(48)]
+# 43 training examples after the eval split -> 11 steps per epoch at effective batch 4; 24 steps = 2+ epochs.
+SETTINGS = dict(
+    max_steps=24,
+    effective_batch_size=4,
+    micro_batch_size=2,
+    lora_r=4,
+    seed=3,
+    progress=False,
+    lora_dropout=0.1,
+)
+
+
+def run_worker(tiny_model, data, out, settings, **kill) -> subprocess.CompletedProcess:
+    job = {"model": tiny_model, "data": data, "out": str(out), "settings": settings, **kill}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, WORKER, json.dumps(job)], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def finished(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    got, want = losses(out), losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (step, a), (_, b) in zip(got, want, strict=True):
+        assert abs(a - b) <= 1e-5, f"step {step}: loss {a} vs {b}"
+    a = load_file(out / "adapter_model.safetensors")
+    b = load_file(reference / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = finished(run_worker(tiny_model, data_file, out, SETTINGS))
+    assert result["metrics"]["steps"] == 24 and result["resumed_from_step"] is None
+    return out
+
+
+# Forward calls: 1 is the probe; optimizer step k (1-based) runs calls 2k and 2k+1 (two micro-batches).
+@pytest.mark.parametrize(
+    ("kill_at_forward", "save_every_steps", "resumes_from"),
+    [
+        (2 * 7, 3, 6),  # mid-epoch, at the first micro-batch of step 7
+        (2 * 5 + 1, 2, 4),  # inside a gradient-accumulation cycle: the second micro-batch of step 5
+        (
+            2 * 14,
+            5,
+            10,
+        ),  # across the epoch boundary (11 steps per epoch): checkpoint in epoch 1, kill in epoch 2
+    ],
+    ids=["mid-epoch", "inside-accumulation", "across-epochs"],
+)
+def test_killed_and_rerun_matches_the_uninterrupted_run(
+    tiny_model, data_file, reference, tmp_path, kill_at_forward, save_every_steps, resumes_from
+):
+    out = tmp_path / "run"
+    settings = {**SETTINGS, "save_every_steps": save_every_steps}
+    killed = run_worker(tiny_model, data_file, out, settings, kill_at_forward=kill_at_forward)
+    assert killed.returncode == -9
+    assert CheckpointStore(out / "checkpoints").latest().step == resumes_from
+    result = finished(run_worker(tiny_model, data_file, out, settings))
+    assert result["resumed_from_step"] == resumes_from
+    expected = json.loads((reference / "run_record.json").read_text())["metrics"]
+    assert result["metrics"]["steps"] == 24
+    assert (
+        result["metrics"]["examples_seen"] == expected["examples_seen"] == 43 + 43 + 8
+    )  # 2 epochs + 2 steps
+    assert_same_run(out, reference)
+
+
+def test_twenty_random_kills_while_saving_and_copying(tiny_model, data_file, reference, tmp_path):
+    """Checkpoints every step with a durable copy, so kills land inside saves and copies too."""
+    out, durable = tmp_path / "run", tmp_path / "drive"
+    settings = {**SETTINGS, "save_every_steps": 1, "checkpoint_dir": str(durable)}
+    rng = random.Random(20261130)
+    last_step, kills, completions = 0, 0, 0
+    while kills < 20:
+        proc = run_worker(tiny_model, data_file, out, settings, kill_after_seconds=rng.uniform(0.0, 0.35))
+        if proc.returncode == 0:  # the run finished before the timer fired: it must equal the reference
+            assert finished(proc)["resumed_from_step"] == (last_step or None)
+            assert_same_run(out, reference)
+            completions += 1
+            shutil.rmtree(out)
+            shutil.rmtree(durable, ignore_errors=True)
+            last_step = 0
+            continue
+        assert proc.returncode == -9, proc.stderr[-3000:]
+        kills += 1
+        latest = CheckpointStore(out / "checkpoints", durable_root=durable, background=False).latest()
+        step = latest.step if latest else 0
+        assert step >= last_step, "a kill must never lose a verified checkpoint"
+        last_step = step
+    result = finished(run_worker(tiny_model, data_file, out, settings))
+    assert result["resumed_from_step"] == (last_step or None)
+    assert_same_run(out, reference)
+
+
+def test_overwrite_replaces_the_durable_checkpoints_too(tiny_model, data_file, tmp_path):
+    out, durable = tmp_path / "run", tmp_path / "drive"
+    settings = {**SETTINGS, "max_steps": 4, "save_every_steps": 2, "checkpoint_dir": str(durable)}
+    finished(run_worker(tiny_model, data_file, out, settings))
+    assert sorted(p.name for p in durable.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-000002",
+        "checkpoint-000004",
+    ]
+    other = {**settings, "learning_rate": 1e-3, "max_steps": 3, "save_every_steps": 3, "overwrite": True}
+    result = finished(run_worker(tiny_model, data_file, out, other))
+    assert result["resumed_from_step"] is None and result["metrics"]["steps"] == 3
+    assert sorted(p.name for p in durable.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-000003"
+    ]
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_kept(tiny_model, data_file, tmp_path):
+    out = tmp_path / "run"
+    settings = {**SETTINGS, "save_every_steps": 2}
+    assert run_worker(tiny_model, data_file, out, settings, kill_at_forward=2 * 5).returncode == -9
+    saved = sorted((out / "checkpoints").iterdir())
+    changed = run_worker(tiny_model, data_file, out, {**settings, "learning_rate": 5e-4})
+    assert changed.returncode == 1
+    assert "belongs to a different run" in changed.stderr and "learning_rate" in changed.stderr
+    assert sorted((out / "checkpoints").iterdir()) == saved  # nothing saved was lost
+    forced = finished(
+        run_worker(tiny_model, data_file, out, {**settings, "learning_rate": 5e-4, "resume": "force"})
+    )
+    assert forced["resumed_from_step"] == 4

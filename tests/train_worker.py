@@ -1,0 +1,49 @@
+"""Runs one `qlora_lite.train` call in a subprocess for the kill/resume tests, optionally SIGKILLing itself.
+
+argv[1] is JSON: {"model", "data", "out", "settings", "kill_at_forward": N | null, "kill_after_seconds": S | null}.
+Prints one JSON line with the result's metrics and resumed_from_step when it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, like a Colab VM vanishing
+
+
+class Killer:
+    def __init__(self, at_forward: int | None, after_seconds: float | None) -> None:
+        self.at_forward, self.after_seconds, self.count = at_forward, after_seconds, 0
+
+    def on_model_ready(self, model) -> None:
+        if self.after_seconds is not None:
+            threading.Timer(self.after_seconds, die).start()
+        if self.at_forward is None:
+            return
+
+        def hook(module, args):
+            if module.training:
+                self.count += 1
+                if self.count == self.at_forward:
+                    die()
+
+        model.get_base_model().model.layers[0].register_forward_pre_hook(hook)
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    import qlora_lite
+
+    killer = Killer(job.get("kill_at_forward"), job.get("kill_after_seconds"))
+    result = qlora_lite.train(job["model"], job["data"], job["out"], callbacks=[killer], **job["settings"])
+    print(json.dumps({"metrics": result.metrics, "resumed_from_step": result.resumed_from_step}))
+
+
+if __name__ == "__main__":
+    main()
