@@ -14,7 +14,7 @@ The estimate is a sum of named components (bytes), each computed from the config
   (the residual stream stays fp32 because the norms and embeddings were upcast). With gradient
   checkpointing only each layer's fp32 input is kept, plus one layer recomputed during backward.
 - logits_loss: the vocabulary-sized tensors (logits, fp32 upcast, log-softmax and their gradients),
-  ~16 B/token/vocab entry in fp32, ~14 B plus a 16-bit copy of the fp32 lm_head under autocast.
+  ~12 B/token/vocab entry, plus a 16-bit copy of the fp32 lm_head under autocast.
 - head: the classifier output instead of logits for task='classification'.
 - cuda_context: CUDA context + cuBLAS workspace + allocator slack (none on CPU).
 
@@ -51,7 +51,9 @@ _LAYER_FP32 = (60.4, 20.0, 8.8, 640.0)
 _LAYER_16BIT = (45.0, 18.9, 6.9, 212.0)
 # GPT-NeoX block (fused qkv, non-gated GELU MLP): fewer LoRA dropouts, no gate.
 _NEOX_FP32 = (38.0, 20.0, 0.0, 0.0)
-_LOGITS_PER_VOCAB = {4: 16.0, 2: 14.1}  # bytes per token per vocabulary entry at the loss
+# Bytes per token per vocabulary entry at the loss (log-softmax output, its gradient, the logits gradient),
+# measured with the loop dropping the model output before backward (as qlora_lite.loop does); +4 B if kept.
+_LOGITS_PER_VOCAB = {4: 12.0, 2: 12.1}
 _RECOMPUTE_FACTOR = {
     4: 1.6,
     2: 1.3,

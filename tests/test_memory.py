@@ -162,3 +162,28 @@ def test_estimate_within_25_percent_of_a_real_4bit_cpu_step(tmp_path, checkpoint
     est = estimate_memory(path, compute_dtype="fp32", device="cpu", micro_batch_size=2, seq_len=128,
                           gradient_checkpointing=checkpointing)  # fmt: skip
     assert est.peak_bytes == pytest.approx(peak.peak_bytes, rel=0.25)
+
+
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_cases_predict_without_a_gpu(capsys, monkeypatch):
+    import torch
+
+    gpu_check = _load_script("gpu_check")
+    for case in gpu_check.CASES:
+        row = gpu_check.predict(case, "bf16")
+        assert 1 * 1024**3 < row["predicted_bytes"] < 80 * 1024**3
+    assert gpu_check.compare(110, 100) == {"error_pct": 10.0, "within_15pct": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["gpu_check.py"])
+    assert gpu_check.main() == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
