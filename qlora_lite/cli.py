@@ -61,6 +61,18 @@ def add_knob_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoints (never lose work)")
+    group.add_argument(
+        "--checkpoint-dir", help="durable place for checkpoints (default: Google Drive when mounted)"
+    )
+    group.add_argument("--save-every-minutes", type=float, help="default: the plan's interval, at most 10")
+    group.add_argument("--save-every-steps", type=int)
+    group.add_argument(
+        "--resume", choices=["auto", "never", "force"], help="default auto: continue the same run"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-lite", description="Fine-tune LLMs with LoRA/QLoRA that fits."
@@ -89,7 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-on", choices=["assistant", "all"], default="assistant")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument("--no-progress", action="store_true")
+    add_checkpoint_flags(t)
     add_knob_flags(t)
+
+    r = sub.add_parser("resume", help="continue an interrupted run with the settings it started with")
+    r.add_argument("run_dir")
+    r.add_argument(
+        "--checkpoint-dir", help="where its durable checkpoints are, if not recorded (a fresh machine)"
+    )
+    r.add_argument("--resume", choices=["auto", "force"], default="auto")
+    r.add_argument("--no-progress", action="store_true")
+
+    runs = sub.add_parser("runs", help="list runs under a folder with their last verified checkpoint")
+    runs.add_argument("root", nargs="?", default="runs")
 
     g = sub.add_parser("generate", help="run a prompt or chat through base + adapter")
     g.add_argument("run_dir", nargs="?", help="adapter/run folder (omit to use --model alone)")
@@ -118,6 +142,7 @@ TRAIN_FLAGS = (
     "eval_fraction", "eval_every", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
     "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_seq_length",
     "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "max_memory",
+    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume",
 )  # fmt: skip
 
 
@@ -142,7 +167,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     overrides["progress"] = not args.no_progress
     result = train(args.model, args.data, args.output, **overrides)
-    print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, indent=2))
+    print(
+        json.dumps(
+            {
+                "output_dir": str(result.output_dir),
+                "resumed_from_step": result.resumed_from_step,
+                **result.metrics,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .record import RUN_CONFIG
+    from .train import train
+
+    run_dir = Path(args.run_dir)
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} holds no {RUN_CONFIG}: it is not a run folder started by qlora-lite train"
+        )
+    saved = json.loads(path.read_text())
+    if saved.get("data") is None:
+        raise UserError(
+            f"{run_dir} was trained on in-memory data: resume it by running the same train() call again"
+        )
+    settings = dict(saved["settings"])
+    settings.update(resume=args.resume, progress=not args.no_progress, overwrite=False)
+    if args.checkpoint_dir:
+        settings["checkpoint_dir"] = args.checkpoint_dir
+    if saved.get("hardware"):
+        settings["hardware"] = saved["hardware"]
+    result = train(saved["model"], saved["data"], str(run_dir), **settings)
+    print(
+        json.dumps(
+            {
+                "output_dir": str(result.output_dir),
+                "resumed_from_step": result.resumed_from_step,
+                **result.metrics,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .runs import format_runs, list_runs
+
+    print(format_runs(list_runs(args.root)))
     return 0
 
 
@@ -190,7 +268,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"doctor": cmd_doctor, "train": cmd_train, "generate": cmd_generate, "demo": cmd_demo}
+COMMANDS = {
+    "doctor": cmd_doctor,
+    "train": cmd_train,
+    "resume": cmd_resume,
+    "runs": cmd_runs,
+    "generate": cmd_generate,
+    "demo": cmd_demo,
+}
 
 
 def setup_logging(debug: bool) -> None:

@@ -163,3 +163,69 @@ def test_a_checkpoint_of_another_run_is_refused_and_kept(tiny_model, data_file, 
         run_worker(tiny_model, data_file, out, {**settings, "learning_rate": 5e-4, "resume": "force"})
     )
     assert forced["resumed_from_step"] == 4
+
+
+def test_cli_resume_and_runs(tiny_model, data_file, reference, tmp_path, capsys):
+    from qlora_lite.cli import main
+
+    out = tmp_path / "runs" / "killed"
+    settings = {**SETTINGS, "save_every_steps": 3}
+    assert run_worker(tiny_model, data_file, out, settings, kill_at_forward=2 * 8).returncode == -9
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    listing = capsys.readouterr().out
+    assert "killed" in listing and "6" in listing
+    assert main(["resume", str(out), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["resumed_from_step"] == 6 and printed["steps"] == 24
+    assert_same_run(out, reference)
+    assert main(["resume", str(tmp_path)]) == 2
+    assert "run_config.json" in capsys.readouterr().err
+
+
+class Unmount:
+    """Makes the durable folder vanish after one step and come back a few steps later (Drive dropping out)."""
+
+    def __init__(self, mount: Path, gone_at: int, back_at: int | None) -> None:
+        self.mount, self.hidden = mount, mount.with_name(mount.name + "-away")
+        self.gone_at, self.back_at = gone_at, back_at
+
+    def on_step_end(self, state) -> None:
+        if state.step == self.gone_at:
+            self.mount.rename(self.hidden)
+        if state.step == self.back_at:
+            self.hidden.rename(self.mount)
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["drive-returns", "drive-stays-gone"])
+def test_a_vanishing_durable_folder_never_stops_training(tiny_model, data_file, tmp_path, caplog, comes_back):
+    import logging
+
+    import qlora_lite
+
+    mount = tmp_path / "drive"
+    mount.mkdir()
+    durable = mount / "MyDrive" / "run"
+    unmount = Unmount(mount, gone_at=4, back_at=10 if comes_back else None)
+    settings = {**SETTINGS, "max_steps": 14, "save_every_steps": 2, "checkpoint_dir": str(durable)}
+    with caplog.at_level(logging.WARNING, logger="qlora_lite"):
+        result = qlora_lite.train(tiny_model, data_file, tmp_path / "run", callbacks=[unmount], **settings)
+    assert result.metrics["steps"] == 14
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("qlora_lite")]
+    failures = [m for m in messages if "could not copy" in m]
+    assert len(failures) == 1, messages  # reported once, not at every retry
+    assert "Training goes on" in failures[0]
+    assert any("works again" in m for m in messages) == comes_back
+    local = sorted(
+        p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("checkpoint-")
+    )
+    assert local == ["checkpoint-000012", "checkpoint-000014"]
+    if comes_back:
+        # Copies resumed once the folder was back: the newest checkpoint reached the durable place.
+        assert (durable / "checkpoint-000014" / "manifest.json").is_file()
+    else:
+        # Nothing was written into the bare mount point on the local disk; the older durable copies are intact.
+        assert not mount.exists()
+        kept = sorted(
+            p.name for p in (unmount.hidden / "MyDrive" / "run").iterdir() if p.name.startswith("checkpoint")
+        )
+        assert kept and kept[-1] <= "checkpoint-000004"
