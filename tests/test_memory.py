@@ -166,11 +166,13 @@ def test_estimate_within_25_percent_of_a_real_4bit_cpu_step(tmp_path, checkpoint
 
 def _load_script(name):
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script is executed
     spec.loader.exec_module(module)
     return module
 
