@@ -41,7 +41,8 @@ def default_durable_root(run_name: str) -> Path | None:
 
 def copy_file_fsync(src: Path, dst: Path) -> None:
     """Copy one file and fsync the copy (the default `copy_file` of FolderBackend)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    # No mkdir here: if the mount vanished mid-copy, creating parents would rebuild the bare mount point on
+    # the local disk (which dies with the VM) and "succeed". upload() makes the folders while mounted.
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
         fout.flush()
@@ -121,15 +122,31 @@ class FolderBackend(DurableBackend):
         if not self.anchor.is_dir():
             raise OSError(errno.ENOTCONN, f"{self.anchor} is gone (unmounted?)", str(self.anchor))
 
+    def _make_root(self) -> None:
+        """Create the folders below the anchor one level at a time, never the anchor itself: if the mount
+        vanishes between the check and here, mkdir fails instead of rebuilding it on the local disk."""
+        missing = []
+        folder = self.root
+        while folder != self.anchor and not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                pass
+
     def upload(self, local_dir: Path, name: str) -> None:
         self._check_mounted()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_root()
         self._remove_stale_incoming()
         tmp = self.root / f"{INCOMING}{name}-{os.getpid()}-{secrets.token_hex(4)}"
         self._current = tmp
         try:
             tmp.mkdir()
             manifest = json.loads((local_dir / MANIFEST).read_bytes())
+            for file_name in manifest["files"]:
+                (tmp / file_name).parent.mkdir(parents=True, exist_ok=True)
             for file_name in sorted(manifest["files"]):
                 self.copy_file(local_dir / file_name, tmp / file_name)
             # The manifest goes last, so a copy cut short never has one.

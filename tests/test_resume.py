@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -182,24 +184,33 @@ def test_cli_resume_and_runs(tiny_model, data_file, reference, tmp_path, capsys)
     assert "run_config.json" in capsys.readouterr().err
 
 
-class Unmount:
-    """Makes the durable folder vanish after one step and come back a few steps later (Drive dropping out)."""
+class Unmount(logging.Handler):
+    """Makes the durable folder vanish after one step and come back a few steps later (Drive dropping out).
+
+    It stays gone until the background copier has reported a failed copy (a readiness check, not a sleep).
+    """
 
     def __init__(self, mount: Path, gone_at: int, back_at: int | None) -> None:
+        super().__init__()
         self.mount, self.hidden = mount, mount.with_name(mount.name + "-away")
         self.gone_at, self.back_at = gone_at, back_at
+        self.copy_failed = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "could not copy" in record.getMessage():
+            self.copy_failed.set()
 
     def on_step_end(self, state) -> None:
         if state.step == self.gone_at:
             self.mount.rename(self.hidden)
+        if state.step == self.gone_at + 2:
+            assert self.copy_failed.wait(timeout=30), "the durable copy never noticed the missing folder"
         if state.step == self.back_at:
             self.hidden.rename(self.mount)
 
 
 @pytest.mark.parametrize("comes_back", [True, False], ids=["drive-returns", "drive-stays-gone"])
 def test_a_vanishing_durable_folder_never_stops_training(tiny_model, data_file, tmp_path, caplog, comes_back):
-    import logging
-
     import qlora_lite
 
     mount = tmp_path / "drive"
@@ -207,8 +218,14 @@ def test_a_vanishing_durable_folder_never_stops_training(tiny_model, data_file, 
     durable = mount / "MyDrive" / "run"
     unmount = Unmount(mount, gone_at=4, back_at=10 if comes_back else None)
     settings = {**SETTINGS, "max_steps": 14, "save_every_steps": 2, "checkpoint_dir": str(durable)}
-    with caplog.at_level(logging.WARNING, logger="qlora_lite"):
-        result = qlora_lite.train(tiny_model, data_file, tmp_path / "run", callbacks=[unmount], **settings)
+    logging.getLogger("qlora_lite").addHandler(unmount)
+    try:
+        with caplog.at_level(logging.WARNING, logger="qlora_lite"):
+            result = qlora_lite.train(
+                tiny_model, data_file, tmp_path / "run", callbacks=[unmount], **settings
+            )
+    finally:
+        logging.getLogger("qlora_lite").removeHandler(unmount)
     assert result.metrics["steps"] == 14
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("qlora_lite")]
     failures = [m for m in messages if "could not copy" in m]
