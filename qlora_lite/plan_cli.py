@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .errors import UserError
 from .memory import ATTENTION, COMPUTE_DTYPES, OPTIMIZER_STATE_BYTES, QUANTIZATIONS
 
 LengthsFn = Callable[..., list[int]]
@@ -77,17 +76,6 @@ _KNOBS = (
 )
 
 
-def _default_lengths_fn() -> LengthsFn:
-    try:
-        from .data import token_lengths
-    except ImportError:
-        raise UserError(
-            "--data needs qlora_lite.data.token_lengths, which this version does not have: "
-            "plan without --data, or fix --max-seq-length"
-        ) from None
-    return token_lengths
-
-
 def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = None) -> int:
     """Print the plan (table, or one JSON object with --json). A plan that does not fit still exits 0."""
     from .plan import plan
@@ -99,7 +87,9 @@ def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = Non
             fixed[name] = value
     lengths = None
     if getattr(args, "data", None):
-        lengths = (lengths_from_data or _default_lengths_fn())(args.data, args.model)
+        from .encode import token_lengths
+
+        lengths = (lengths_from_data or token_lengths)(args.data, args.model)
     the_plan = plan(args.model, data=lengths, hardware=getattr(args, "gpu", None), **fixed)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(the_plan.to_dict(), sort_keys=True) + "\n")

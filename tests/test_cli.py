@@ -180,3 +180,27 @@ def test_doctor_json(capsys):
     profile = json.loads(capsys.readouterr().out)
     assert profile["accelerator"] in ("cpu", "cuda", "mps")
     assert profile["ram_total_bytes"] > 0 and profile["environment"] in ("colab", "kaggle", "local")
+
+
+def test_plan_with_a_data_file_uses_its_token_lengths(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert main(["plan", "--model", tiny_model, "--gpu", "t4", "--data", data, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    for key in ("peak_memory_bytes", "usable_memory_bytes", "breakdown", "micro_batch_size", "fits"):
+        assert key in plan
+    assert (
+        plan["num_examples"] == len(ROWS) and plan["compute_dtype"] == "fp16" and plan["max_seq_length"] <= 64
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--gpu", "t5"], ["t5", "t4", "a100-80gb"]),
+        (["--gpu", "t4", "--max-memory", "twelve gigs"], ["twelve gigs"]),
+    ],
+)
+def test_plan_mistakes_exit_2(tiny_model, capsys, argv, needles):
+    code, err = run_cli(["plan", "--model", tiny_model, *argv], capsys)
+    assert code == 2
+    assert_one_clear_line(err, *needles)
