@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -294,6 +295,9 @@ def setup_logging(debug: bool) -> None:
     ):
         logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
     if not debug:
+        # Deprecation chatter from the libraries we call is not the user's business.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             from transformers.utils import logging as hf_logging
 

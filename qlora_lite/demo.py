@@ -28,7 +28,7 @@ def run_demo(
     *,
     max_steps: int = 60,
     n_train: int = 480,
-    n_eval: int = 16,
+    n_eval: int = 32,
     progress: bool = True,
     **train_overrides: Any,
 ) -> dict[str, Any]:
