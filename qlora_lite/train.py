@@ -86,6 +86,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def show_progress_messages() -> None:
+    """Make the plan and progress messages visible in a notebook or script that configured no logging.
+
+    Nothing changes when the application (the CLI, pytest, the user) has set up logging itself.
+    """
+    package = logging.getLogger("qlora_lite")
+    if logging.getLogger().handlers or package.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+
+
 def train(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainResult:
     """Fine-tune `model` on `data` with LoRA/QLoRA and save the adapter in `output_dir`.
 
@@ -93,6 +108,7 @@ def train(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainResu
     planner knobs left unset are chosen by the planner, which prints why. Re-running the same call after
     an interruption resumes from the newest verified checkpoint.
     """
+    show_progress_messages()
     return run(make_config(model, data, output_dir, **overrides))
 
 

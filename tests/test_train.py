@@ -231,3 +231,30 @@ def test_long_examples_are_truncated_and_counted(tiny_model, tmp_path):
     )  # the prompt filled all 64 tokens: no response left to learn
     assert record["data"]["train_examples"] == 12
     assert record["plan"]["max_seq_length"] == 64
+
+
+def test_16bit_lora_when_quantization_is_none(tiny_model, tmp_path):
+    snap = Snapshot()
+    result = qlora_lite.train(
+        tiny_model, INSTRUCTION_ROWS, tmp_path / "run", quantization="none", callbacks=[snap], **FAST
+    )
+    assert not getattr(snap.model.get_base_model(), "is_loaded_in_4bit", False)
+    assert result.plan.quantization == "none"
+    for key, value in snap.model.state_dict().items():
+        if "lora_" not in key:
+            assert torch.equal(value, snap.state_before[key]), key
+    assert json.loads(result.run_record.read_text())["quantization"]["method"] == "none"
+
+
+def test_plan_is_shown_in_a_plain_script(tiny_model, tmp_path):
+    """A notebook or script with no logging set up still sees the plan (the library adds one handler)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import qlora_lite, json; rows=[{'instruction': f'Say {i}', 'output': f'It is {i}.'} for i in range(8)];"
+        f"qlora_lite.train({tiny_model!r}, rows, {str(tmp_path / 'run')!r}, max_steps=1, progress=False, lora_r=4)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "plan for detected" in done.stderr and "micro_batch_size" in done.stderr
