@@ -422,9 +422,12 @@ def plan(
         reasons["gradient_accumulation_steps"] = (
             f"{mb} x {accumulation} keeps the effective batch at {effective}"
         )
-    reasons["effective_batch_size"] = (
-        "your setting" if "effective_batch_size" in fixed else f"default {effective}"
-    )
+    if "effective_batch_size" in fixed:
+        reasons["effective_batch_size"] = ""  # explain() already says "fixed by you"
+    elif mb_fixed and ga_fixed:
+        reasons["effective_batch_size"] = f"your micro-batch {mb_fixed} x accumulation {ga_fixed}"
+    else:
+        reasons["effective_batch_size"] = f"default {effective}"
     _explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effective)
 
     step_s = _step_seconds(shape, hw, mb * accumulation * seq, knobs["gradient_checkpointing"], task)
