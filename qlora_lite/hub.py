@@ -11,6 +11,7 @@ Everything above it — file selection, the card, retries, error messages, verif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -366,6 +367,12 @@ def _size(n: float | None) -> str:
     raise AssertionError
 
 
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def _hardware_text(hw: dict) -> str:
     gpus = hw.get("gpus") or []
     if gpus:
@@ -426,7 +433,7 @@ def render_model_card(
         ("data fingerprint", f"`{str(data.get('fingerprint', ''))[:16]}`" if data.get("fingerprint") else None),
         ("steps", metrics.get("steps")),
         ("learning rate", f"{hp.get('learning_rate')} ({hp.get('lr_scheduler')})" if hp.get("learning_rate") else None),
-        ("time", f"{metrics['seconds'] / 60:.1f} min" if metrics.get("seconds") is not None else None),
+        ("time", _duration(metrics.get("seconds"))),
         ("throughput", f"{metrics['tokens_per_second']:.0f} tokens/s" if metrics.get("tokens_per_second") else None),
     ])  # fmt: skip
     plan_table = _rows([
@@ -591,19 +598,37 @@ def push(
             lambda: client.create_commit(repo_id, operations(), commit_message=message, revision=revision),
             f"uploading {folder} to {repo_id}",
         )
-        remote = with_retries(lambda: client.list_files(repo_id, revision=revision), "listing the upload")
-    except UserError:
-        raise
     except Exception as exc:
         raise hub_error(exc, repo_id, "cannot push to") from None
-    wrong = [p for p, data in contents.items() if p not in remote or remote[p].size != len(data)]
-    if wrong:
-        raise UserError(
-            f"pushed to {repo_id} but the Hub shows {', '.join(wrong)} missing or of another size: "
-            "run `qlora-lite push` again"
-        )
+    _verify_upload(client, repo_id, revision, contents, commit_url)
     log.info("pushed %d files of %s to %s (verified): %s", len(contents), folder, repo_id, commit_url)
     return PushResult(commit_url, repo_url, tuple(sorted(contents)))
+
+
+def _verify_upload(
+    client: HubClient, repo_id: str, revision: str | None, contents: dict[str, bytes], commit_url: str
+) -> None:
+    """Check that the Hub lists every uploaded file with its size (and sha256 where it reports one)."""
+
+    try:
+        remote = with_retries(lambda: client.list_files(repo_id, revision=revision), "listing the upload")
+    except Exception as exc:
+        raise UserError(
+            f"pushed {commit_url}, but listing {repo_id} to verify it failed ({_one_line(exc)}): check the files "
+            "on the repo page, or run `qlora-lite push` again"
+        ) from None
+    wrong = [
+        path
+        for path, data in contents.items()
+        if path not in remote
+        or remote[path].size != len(data)
+        or remote[path].sha256 not in (None, hashlib.sha256(data).hexdigest())
+    ]
+    if wrong:
+        raise UserError(
+            f"pushed {commit_url}, but the Hub shows {', '.join(wrong)} missing or different: "
+            "run `qlora-lite push` again"
+        )
 
 
 def _ensure_repo(client: HubClient, repo_id: str, private: bool) -> str:

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from . import hub
+from .checkpoint import STAGING
 from .checkpoint_manifest import MANIFEST, step_of
 from .durable import DurableBackend
 from .errors import UserError
@@ -154,7 +155,8 @@ class HubBackend(DurableBackend):
 
     def fetch(self, name: str, dest: Path) -> None:
         """Download checkpoint `name` into the new folder `dest` (the store verifies it afterwards)."""
-        tmp = dest.parent / f".hub-fetch-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+        # Named like the store's staging folders, so a fetch killed midway is cleaned up as one of them.
+        tmp = dest.parent / f"{STAGING}hubfetch-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             with_retries(
                 lambda: self.client.snapshot_download(

@@ -486,3 +486,45 @@ def test_cli_main_exits_2_on_push_mistakes(fake, run, capsys):
         pytest.skip("`push` is not wired into qlora_lite/cli.py yet")
     assert cli.main(["push", str(run), "bob/x"]) == 2
     assert "not yours" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the boundary itself
+
+
+def test_the_fake_has_the_real_clients_interface():
+    import inspect
+
+    public = {n for n, v in vars(hub.HubClient).items() if callable(v) and not n.startswith("_")}
+    assert public == {n for n, v in vars(FakeHubClient).items() if callable(v) and not n.startswith("_")}
+    for name in public:
+        real = inspect.signature(getattr(hub.HubClient, name))
+        fake_sig = inspect.signature(getattr(FakeHubClient, name))
+        assert list(real.parameters) == list(fake_sig.parameters), name
+
+
+def test_the_real_client_in_offline_mode_gives_clear_errors(monkeypatch, run, tmp_path):
+    """HF_HUB_OFFLINE=1 (conftest): the real HfApi refuses before any network access."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0,))
+    assert repr(hub.make_client(TOKEN)) == "HubClient(endpoint='https://huggingface.co')"
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1 forbids the Hub"):
+        hub.push(run, "alice/x")
+    with pytest.raises(UserError, match="nor in the Hugging Face cache"):
+        hub.resolve_adapter("alice/never-downloaded")
+
+
+def test_a_verification_mismatch_is_reported(fake, run, monkeypatch):
+    real_list = FakeHubClient.list_files
+
+    def shrunk(self, repo_id, **kwargs):
+        files = real_list(self, repo_id, **kwargs)
+        files["adapter_model.safetensors"] = type(files["adapter_model.safetensors"])(1, None)
+        return files
+
+    monkeypatch.setattr(FakeHubClient, "list_files", shrunk)
+    with pytest.raises(UserError, match="adapter_model.safetensors missing or different"):
+        hub.push(run, "alice/x")
+    monkeypatch.setattr(FakeHubClient, "list_files", real_list)
+    fake.fail_next("list_files", httpx2.ConnectError("reset"), times=4)
+    with pytest.raises(UserError, match="listing alice/x2 to verify it failed"):
+        hub.push(run, "alice/x2")
