@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int)
     t.add_argument("--train-on", choices=["assistant", "all"], default="assistant")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    t.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="push the adapter and a model card when training ends"
+    )
+    t.add_argument(
+        "--hub-public", dest="hub_private", action="store_false", default=None, help="make a new repo public"
+    )
     t.add_argument("--no-progress", action="store_true")
     add_checkpoint_flags(t)
     add_knob_flags(t)
@@ -117,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("root", nargs="?", default="runs")
 
     g = sub.add_parser("generate", help="run a prompt or chat through base + adapter")
-    g.add_argument("run_dir", nargs="?", help="adapter/run folder (omit to use --model alone)")
+    g.add_argument("run_dir", nargs="?", help="adapter/run folder or Hub id (omit to use --model alone)")
+    g.add_argument("--revision", help="branch, tag or commit when run_dir is a Hub id")
     g.add_argument("--model", help="base model (default: the one in the run record)")
     g.add_argument("--prompt", help="a user prompt")
     g.add_argument("--chat", help="a JSON file holding [{'role':..., 'content':...}, ...]")
@@ -135,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_plan_parser(sub)
+    from .hub_cli import add_push_parser
+
+    add_push_parser(sub)
     return parser
 
 
@@ -143,7 +153,7 @@ TRAIN_FLAGS = (
     "eval_fraction", "eval_every", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
     "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_seq_length",
     "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "max_memory",
-    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume",
+    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume", "push_to_hub", "hub_private",
 )  # fmt: skip
 
 
@@ -256,6 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model=args.model,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
+            revision=args.revision,
         )
     )
     return 0
@@ -290,6 +301,7 @@ def setup_logging(debug: bool) -> None:
         "accelerate",
         "urllib3",
         "httpx",
+        "httpx2",
         "matplotlib",
         "filelock",
     ):
@@ -314,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS.get(args.command)
     if args.command == "plan":
         from .plan_cli import run_plan as handler
+    elif args.command == "push":
+        from .hub_cli import run_push as handler
     try:
         return int(handler(args) or 0)
     except UserError as exc:

@@ -74,6 +74,9 @@ class TrainConfig:
     save_every_steps: int | None = None
     keep_checkpoints: int = 2
     resume: str = "auto"  # "auto": continue the same run if found; "never"; "force": even if settings differ
+    # ship (the token comes from HF_TOKEN / `hf auth login` / the Colab secret, never from a setting)
+    push_to_hub: str | None = None  # a repo id: push the adapter with a model card when training ends
+    hub_private: bool = True
     # machine and behaviour
     hardware: Any = None  # None: detect; a profile name ("t4") or a HardwareProfile to plan for
     max_memory: str | int | None = None

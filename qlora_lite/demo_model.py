@@ -7,6 +7,7 @@ so that everything downstream (4-bit loading, PEFT, the planner) sees an ordinar
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -14,12 +15,14 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .record import ORIGIN_FILE
 
 log = logging.getLogger(__name__)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
-_MARKER = ".qlora_lite_converted"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the weights come from (model cards cite it)
+_MARKER = ".qlora_lite_converted_v2"  # v2: also writes the origin file
 
 
 def default_cache_dir() -> Path:
@@ -68,6 +71,7 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / ORIGIN_FILE).write_text(json.dumps({"hub_id": HUB_ID, "converted_from": gguf.name}) + "\n")
         (staging / _MARKER).write_text(gguf.name + "\n")
         if target.exists():
             shutil.rmtree(target)

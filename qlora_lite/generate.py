@@ -24,9 +24,10 @@ class Generator:
         model: str | None = None,
         quantization: str | None = None,
         compute_dtype: str | None = None,
+        revision: str | None = None,
     ) -> None:
         self.model, self.tokenizer = load_for_inference(
-            adapter, model=model, quantization=quantization, compute_dtype=compute_dtype
+            adapter, model=model, quantization=quantization, compute_dtype=compute_dtype, revision=revision
         )
         ensure_chat_template(self.tokenizer)
 

@@ -192,6 +192,24 @@ def read_run_record(path: str | os.PathLike) -> dict | None:
     return None
 
 
+def _base_of(adapter, record: dict | None) -> str | None:
+    """The base model of an adapter: the recorded path when it exists here, else its Hub id."""
+    if record is None:
+        return None
+    path = record.get("base_model", {}).get("path")
+    if path and Path(path).is_dir():
+        return path
+    from .hub import base_hub_id
+
+    hub_id = base_hub_id(record)
+    if hub_id:
+        return hub_id
+    config = Path(adapter) / "adapter_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("base_model_name_or_path") or path
+    return path
+
+
 def load_for_inference(
     adapter: str | os.PathLike | None = None,
     *,
@@ -199,14 +217,21 @@ def load_for_inference(
     quantization: str | None = None,
     compute_dtype: str | None = None,
     accelerator: str | None = None,
+    revision: str | None = None,
 ):
-    """Base (+ adapter) in eval mode, quantized as in training unless told otherwise. Returns (model, tokenizer)."""
+    """Base (+ adapter) in eval mode, quantized as in training unless told otherwise. Returns (model, tokenizer).
+
+    `adapter` is a run folder or a Hub id (with `revision`)."""
+    if adapter is not None:
+        from .hub import resolve_adapter
+
+        adapter = resolve_adapter(adapter, revision)
     record = read_run_record(adapter) if adapter is not None else None
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(
             f"adapter folder {adapter} not found: give a run folder written by `qlora-lite train`"
         )
-    base = model or (record or {}).get("base_model", {}).get("path")
+    base = model or _base_of(adapter, record)
     if base is None:
         raise UserError(f"{adapter}: no run_record.json names the base model; pass --model too")
     plan = (record or {}).get("plan", {})

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 RUN_RECORD = "run_record.json"
-RUN_CONFIG = "run_config.json"  # the settings a run started with: `qlora-lite resume` re-runs them
+RUN_CONFIG = "run_config.json"
+ORIGIN_FILE = "qlora_lite_origin.json"  # {"hub_id": ...} in a model folder converted from a Hub model  # the settings a run started with: `qlora-lite resume` re-runs them
 STEP_LOG = "steps.jsonl"
 LOSS_PLOT = "loss.png"
 TRACKED_PACKAGES = (
@@ -39,7 +40,17 @@ def library_versions() -> dict[str, str | None]:
 def model_identity(model_path: str) -> dict[str, str | None]:
     """Base model path plus a revision: the Hub commit when known, else a hash of the local config+weights index."""
     path = Path(model_path)
-    identity: dict[str, str | None] = {"path": model_path, "revision": None, "config_sha256": None}
+    identity: dict[str, str | None] = {
+        "path": model_path,
+        "revision": None,
+        "config_sha256": None,
+        "hub_id": None,
+    }
+    if not path.is_dir():
+        identity["hub_id"] = model_path  # loaded from the Hub by id
+    origin = path / ORIGIN_FILE
+    if origin.is_file():  # a folder made from a Hub model (the demo's converted GGUF) says where it came from
+        identity["hub_id"] = json.loads(origin.read_text()).get("hub_id")
     if path.is_dir():
         config = path / "config.json"
         if config.is_file():

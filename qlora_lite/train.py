@@ -162,6 +162,18 @@ def _prepare_output(config: TrainConfig) -> Path:
     return out
 
 
+def _checkpoint_store(config: TrainConfig, out: Path) -> CheckpointStore:
+    """Local checkpoints plus the durable place: `hf://user/repo`, a folder, or Drive when mounted."""
+    from .hub_backend import backend_from_spec
+
+    backend = backend_from_spec(config.checkpoint_dir) if config.checkpoint_dir else None
+    if backend is not None:
+        return CheckpointStore(out / CHECKPOINTS, backend=backend, keep=config.keep_checkpoints)
+    return CheckpointStore(
+        out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
+    )
+
+
 def _durable_root(config: TrainConfig, out: Path) -> Path | None:
     if config.checkpoint_dir:
         return Path(config.checkpoint_dir).expanduser()
@@ -240,9 +252,7 @@ def run(config: TrainConfig) -> TrainResult:
             out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"]
         )
 
-    store = CheckpointStore(
-        out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
-    )
+    store = _checkpoint_store(config, out)
     if config.overwrite and store.backend is not None:
         # "Replace the run" covers its durable copies too, or the next resume would find the old run there.
         for name in store.backend.list():
@@ -324,7 +334,7 @@ def run(config: TrainConfig) -> TrainResult:
     )
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": str(store.backend.root) if store.backend and hasattr(store.backend, "root") else None},
+        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None)},
         every_seconds=every_seconds, every_steps=config.save_every_steps,
     )  # fmt: skip
     eval_every = config.eval_every or max(1, total_steps // 5)
@@ -374,6 +384,11 @@ def run(config: TrainConfig) -> TrainResult:
     )  # fmt: skip
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
+    if config.push_to_hub:
+        from .hub import push
+
+        pushed = push(out, config.push_to_hub, private=config.hub_private)
+        log.info("pushed to %s", pushed.commit_url)
     return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
 
 
