@@ -17,6 +17,7 @@ from .demo_model import ensure_demo_model
 from .errors import UserError
 from .generate import Generator, generate
 from .hardware import HardwareProfile, detect
+from .hub import push, resolve_adapter
 from .memory import estimate_memory
 from .plan import Plan, plan
 from .profiles import get_profile
@@ -38,6 +39,8 @@ __all__ = [
     "get_profile",
     "load_records",
     "plan",
+    "push",
+    "resolve_adapter",
     "run_demo",
     "train",
 ]
