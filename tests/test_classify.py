@@ -327,3 +327,32 @@ def test_step_loss_is_independent_of_the_micro_batch_split_and_survives_oom(weig
         logits, torch.tensor([e.label for e in ids]), weight=torch.tensor(weights) if weights else None
     )
     assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_demo_dataset_holds_out_unseen_phrasings():
+    from qlora_lite.demo_classify import HELD_OUT_TEMPLATES, INTENTS, make_intent_dataset
+
+    train, held = make_intent_dataset()
+    assert make_intent_dataset() == (train, held)  # seeded
+    assert {r["label"] for r in train} == {r["label"] for r in held} == set(INTENTS)
+    assert not {r["text"] for r in train} & {r["text"] for r in held}
+    # The first word pair of every held-out phrasing never starts a training text of that intent.
+    for label, templates in INTENTS.items():
+        for template in templates[-HELD_OUT_TEMPLATES:]:
+            stem = template.split("{")[0].strip().lower()
+            if stem:
+                assert not any(r["text"].lower().startswith(stem) for r in train if r["label"] == label)
+
+
+@pytest.mark.slow
+def test_classify_demo_beats_the_majority_baseline(tmp_path):
+    """MiniLM on the intent demo: ~20 s training on one CPU thread."""
+    from qlora_lite.demo_classify import minilm_path, run_classify_demo
+
+    try:
+        minilm_path()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    summary = run_classify_demo(str(tmp_path / "demo"), progress=False)
+    assert summary["accuracy_after"] >= summary["majority_baseline_accuracy"] + 0.5
+    assert summary["accuracy_after_reloaded"] == pytest.approx(summary["accuracy_after"], abs=0.02)
