@@ -248,3 +248,62 @@ def test_a_vanishing_durable_folder_never_stops_training(tiny_model, data_file, 
             p.name for p in (unmount.hidden / "MyDrive" / "run").iterdir() if p.name.startswith("checkpoint")
         )
         assert kept and kept[-1] <= "checkpoint-000004"
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_and_the_older_one_resumes(
+    tiny_model, data_file, reference, tmp_path, caplog
+):
+    out = tmp_path / "run"
+    settings = {**SETTINGS, "save_every_steps": 3}
+    assert run_worker(tiny_model, data_file, out, settings, kill_at_forward=2 * 8).returncode == -9
+    newest = out / "checkpoints" / "checkpoint-000006"
+    optimizer = newest / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a copy cut short
+    result = finished(run_worker(tiny_model, data_file, out, settings))
+    assert result["resumed_from_step"] == 3
+    assert_same_run(out, reference)
+
+
+def test_resume_on_a_smaller_machine_keeps_the_plan_and_re_splits_the_micro_batch(
+    tiny_model, data_file, tmp_path
+):
+    """Only micro-batch/accumulation may change; effective batch, sequence length and the rest stay."""
+    import qlora_lite
+    from qlora_lite.plan import plan
+
+    settings = {
+        **SETTINGS,
+        "micro_batch_size": 4,
+        "effective_batch_size": 8,
+        "lora_dropout": 0.0,
+        "max_steps": 8,
+    }
+    uninterrupted = qlora_lite.train(tiny_model, data_file, tmp_path / "reference", **settings)
+    out = tmp_path / "run"
+    assert (
+        run_worker(
+            tiny_model, data_file, out, {**settings, "save_every_steps": 3}, kill_at_forward=8
+        ).returncode
+        == -9
+    )
+
+    saved = uninterrupted.plan
+    knobs = dict(max_seq_length=saved.max_seq_length, gradient_checkpointing=saved.gradient_checkpointing,
+                 effective_batch_size=8, hardware="cpu")  # fmt: skip
+    at4 = plan(tiny_model, micro_batch_size=4, **knobs).peak_memory_bytes
+    at1 = plan(tiny_model, micro_batch_size=1, **knobs).peak_memory_bytes
+    budget = int((at1 + (at4 - at1) * 0.3) / 0.9)  # micro-batch 1 fits under the headroom, 4 does not
+    # No micro_batch_size here: the resumed run takes the saved plan and re-splits only if it must.
+    resumed_settings = {k: v for k, v in settings.items() if k != "micro_batch_size"}
+    resumed = qlora_lite.train(
+        tiny_model, data_file, out, max_memory=budget, save_every_steps=3, **resumed_settings
+    )
+    assert resumed.resumed_from_step == 3
+    assert resumed.plan.micro_batch_size < 4
+    assert resumed.plan.effective_batch_size == 8
+    assert resumed.plan.max_seq_length == saved.max_seq_length
+    assert resumed.metrics["examples_seen"] == uninterrupted.metrics["examples_seen"]
+    a = load_file(uninterrupted.output_dir / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
