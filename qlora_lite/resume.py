@@ -148,6 +148,7 @@ class Checkpointer:
         self.last_save = time.monotonic()
         self.last_step: int | None = None
         self.seconds_saving = 0.0
+        self.saves = 0
 
     def due(self, state: LoopState) -> bool:
         if self.every_steps and state.step % self.every_steps == 0:
@@ -181,6 +182,7 @@ class Checkpointer:
         self.last_save = time.monotonic()
         self.last_step = state.step
         self.seconds_saving += self.last_save - started
+        self.saves += 1
         return info
 
 

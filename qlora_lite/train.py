@@ -374,7 +374,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    metrics = _metrics(state, time.time() - started, train_seconds, checkpointer.seconds_saving)
+    metrics = _metrics(state, time.time() - started, train_seconds, checkpointer)
     plot = plot_loss(
         state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} LoRA"
     )
@@ -392,7 +392,9 @@ def run(config: TrainConfig) -> TrainResult:
     return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
 
 
-def _metrics(state: LoopState, seconds: float, train_seconds: float, seconds_saving: float) -> dict[str, Any]:
+def _metrics(
+    state: LoopState, seconds: float, train_seconds: float, checkpointer: Checkpointer
+) -> dict[str, Any]:
     final_eval = state.eval_history[-1]["eval_loss"] if state.eval_history else None
     step_seconds = sum(r["seconds"] for r in state.history)
     return {
@@ -404,8 +406,9 @@ def _metrics(state: LoopState, seconds: float, train_seconds: float, seconds_sav
         "tokens_seen": state.tokens_seen,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(state.tokens_seen / max(1e-9, step_seconds), 2),
-        "checkpoint_seconds": round(seconds_saving, 3),
-        "checkpoint_overhead": round(seconds_saving / max(1e-9, train_seconds), 4),
+        "checkpoints_saved": checkpointer.saves,
+        "checkpoint_seconds": round(checkpointer.seconds_saving, 3),
+        "checkpoint_overhead": round(checkpointer.seconds_saving / max(1e-9, train_seconds), 4),
         "oom_backoffs": state.oom_backoffs,
         "final_micro_batch_size": state.micro_batch_size,
     }
