@@ -131,8 +131,7 @@ with notebook.friendly_errors():  # mistakes show as one sentence saying what to
     settings = notebook.train_settings(
         max_steps=MAX_STEPS, effective_batch_size=8, learning_rate=3e-4, lora_r=16, eval_fraction=0.05
     )
-    print(notebook.plan_for(model, data.source, hardware=setup.hardware, **settings).explain())
-
+    # train() prints the plan (memory and every knob, with the reason) before it loads a weight.
     finished_before = notebook.is_finished(OUTPUT)
     result = qlora_lite.train(model, data.source, OUTPUT, checkpoint_dir=setup.checkpoint_dir, **settings)
     if finished_before:
@@ -298,8 +297,8 @@ def python_api() -> nbformat.NotebookNode:
                 print(setup.describe())
                 result = qlora_lite.train(MODEL, "data/orders.jsonl", "runs/api-demo",
                                           checkpoint_dir=setup.checkpoint_dir, **SETTINGS)
-            print(result.metrics)
             notebook.show_loss_curve(result.output_dir)
+            print(result.metrics)
             """
         ),
         md(
