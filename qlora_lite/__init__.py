@@ -11,6 +11,7 @@ from __future__ import annotations
 
 # Imported eagerly on purpose: `train`, `plan` and `generate` are both modules and functions, and the
 # function must win whatever imports the submodule later.
+from .classify import classify, load_classifier, train_classifier
 from .data import detect_format, load_records
 from .demo import run_demo
 from .demo_model import ensure_demo_model
@@ -31,16 +32,19 @@ __all__ = [
     "Plan",
     "TrainResult",
     "UserError",
+    "classify",
     "detect",
     "detect_format",
     "ensure_demo_model",
     "estimate_memory",
     "generate",
     "get_profile",
+    "load_classifier",
     "load_records",
     "plan",
     "push",
     "resolve_adapter",
     "run_demo",
     "train",
+    "train_classifier",
 ]

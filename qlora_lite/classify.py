@@ -43,8 +43,10 @@ from .loop import (
     steps_per_epoch,
 )
 from .model import (
+    CLASSIFIER_HEADS,
     LoraSettings,
     attach_lora,
+    load_base_model,
     load_tokenizer,
     read_run_record,
     resolve_model,
@@ -77,7 +79,7 @@ from .train import (
 
 log = logging.getLogger(__name__)
 
-HEAD_NAMES = ("score", "classifier")  # the head of decoder / encoder *ForSequenceClassification models
+HEAD_NAMES = CLASSIFIER_HEADS
 LABELS_FILE = "labels.json"
 CONFUSION_PLOT = "confusion_matrix.png"
 PERIODIC_EVAL_EXAMPLES = 256  # evaluations during training use at most this many held-out texts
@@ -216,28 +218,17 @@ def load_classification_base(
     attn_implementation: str | None = "sdpa",
     **config_kwargs: Any,
 ):
-    """`model.load_base_model` for a classifier, with the head kept out of 4/8-bit: it is trained and saved
-    whole (modules_to_save), and transformers' own guess (the last parameter) misses a head with a bias.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from .model import device_map_for, quantization_config
-
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(compute_dtype), **config_kwargs}
-    qconfig = quantization_config(quantization, double_quant, compute_dtype)
-    if qconfig is not None:
-        qconfig.llm_int8_skip_modules = list(HEAD_NAMES)  # read for 4-bit too
-        kwargs["quantization_config"] = qconfig
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, device_map=device_map_for(accelerator), **kwargs
-        )
-    except OSError as exc:
-        raise UserError(f"could not load model {model_path!r}: {str(exc).splitlines()[0]}") from exc
-    model.config.use_cache = False
-    return model
+    """`model.load_base_model` for a classifier (the head stays out of 4/8-bit there)."""
+    return load_base_model(
+        model_path,
+        quantization=quantization,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        accelerator=accelerator,
+        attn_implementation=attn_implementation,
+        task="classification",
+        **config_kwargs,
+    )
 
 
 def _plan(
@@ -434,7 +425,7 @@ def run_classifier(
     store.close(timeout=5)
 
     evaluation, matrix_png = None, None
-    metrics = _metrics(state, time.time() - started, train_seconds, checkpointer.seconds_saving)
+    metrics = _metrics(state, time.time() - started, train_seconds, checkpointer)
     metrics.pop("eval_perplexity", None)
     if eval_examples:
         evaluation, eval_loss = evaluate_examples(

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .hub_cli import add_push_parser
 
     add_push_parser(sub)
+    from .classify_cli import add_classify_parsers
+
+    add_classify_parsers(sub)
     return parser
 
 
@@ -214,7 +217,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
         settings["checkpoint_dir"] = args.checkpoint_dir
     if saved.get("hardware"):
         settings["hardware"] = saved["hardware"]
-    result = train(saved["model"], saved["data"], str(run_dir), **settings)
+    if "classifier" in saved:
+        from .classify import run_classifier
+        from .config import make_config
+
+        extra = saved["classifier"]
+        config = make_config(saved["model"], saved["data"], str(run_dir), **settings)
+        result = run_classifier(
+            config,
+            labels=extra.get("labels"),
+            class_weights=extra.get("class_weights"),
+            eval_data=extra.get("eval_data"),
+        )
+    else:
+        result = train(saved["model"], saved["data"], str(run_dir), **settings)
     print(
         json.dumps(
             {
@@ -290,6 +306,23 @@ COMMANDS = {
 }
 
 
+def _handler(command: str):
+    """Subcommands that live beside their feature (plan, push, classify) are imported when used."""
+    if command in COMMANDS:
+        return COMMANDS[command]
+    if command == "plan":
+        from .plan_cli import run_plan
+
+        return run_plan
+    if command == "push":
+        from .hub_cli import run_push
+
+        return run_push
+    from .classify_cli import COMMANDS as classify_commands
+
+    return classify_commands[command]
+
+
 def setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr
@@ -323,11 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.debug)
-    handler = COMMANDS.get(args.command)
-    if args.command == "plan":
-        from .plan_cli import run_plan as handler
-    elif args.command == "push":
-        from .hub_cli import run_push as handler
+    handler = _handler(args.command)
     try:
         return int(handler(args) or 0)
     except UserError as exc:

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZATIONS = ("nf4", "int8", "none")
+CLASSIFIER_HEADS = ("score", "classifier")  # the head of decoder / encoder *ForSequenceClassification models
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ def load_base_model(
     kwargs: dict[str, Any] = dict(model_kwargs)
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
     if qconfig is not None:
+        if task == "classification":
+            # The head is trained and saved whole (modules_to_save); transformers' own guess of what to keep
+            # out of 4-bit (the last parameter) misses a head that has a bias.
+            qconfig.llm_int8_skip_modules = list(CLASSIFIER_HEADS)
         kwargs["quantization_config"] = qconfig
     # Non-quantized parts load in the compute dtype; k-bit preparation upcasts norms/embeddings to fp32.
     kwargs["dtype"] = torch_dtype(compute_dtype)
@@ -227,6 +232,8 @@ def load_for_inference(
 
         adapter = resolve_adapter(adapter, revision)
     record = read_run_record(adapter) if adapter is not None else None
+    if record is not None and record.get("task") == "classification":
+        raise UserError(f"{adapter} is a classifier: use `qlora-lite classify` or qlora_lite.classify()")
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(
             f"adapter folder {adapter} not found: give a run folder written by `qlora-lite train`"

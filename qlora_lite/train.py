@@ -228,7 +228,19 @@ def _plan(
     return the_plan
 
 
+def is_classification(config: TrainConfig) -> bool:
+    """Labelled texts (a text and a label column) go to the classifier trainer."""
+    if config.format is not None:
+        return config.format == "classification"
+    spec = data_mod.detect_format(data_mod.load_records(config.data), columns=config.columns)
+    return spec.task == "classification"
+
+
 def run(config: TrainConfig) -> TrainResult:
+    if is_classification(config):
+        from .classify import run_classifier
+
+        return run_classifier(config)
     started = time.time()
     out = _prepare_output(config)
     hardware = config.hardware if isinstance(config.hardware, HardwareProfile) else None

