@@ -583,11 +583,16 @@ def load_classifier(
     model: str | None = None,
     quantization: str | None = None,
     compute_dtype: str | None = None,
+    revision: str | None = None,
 ) -> Classifier:
-    """Base model (quantized as in training unless told otherwise) + the run's adapter and head, in eval mode."""
+    """Base model (quantized as in training unless told otherwise) + the run's adapter and head, in eval mode.
+
+    `run_dir` is a run folder or a Hub id (with `revision`)."""
     from peft import PeftModel
 
-    run_dir = Path(run_dir)
+    from .hub import resolve_adapter
+
+    run_dir = resolve_adapter(run_dir, revision)
     record = read_run_record(run_dir) if run_dir.is_dir() else None
     if record is None:
         raise UserError(f"{run_dir} holds no {RUN_RECORD}: give a finished run folder from train_classifier")
