@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-dropout", type=float, default=0.05)
     t.add_argument("--eval-fraction", type=float, default=0.1)
     t.add_argument("--eval-every", type=int)
+    t.add_argument(
+        "--eval-generations", type=int, help="held-out prompts scored by exact/contains match (default 0)"
+    )
+    t.add_argument("--sample-generations", type=int, help="held-out answers shown before/after (default 3)")
     t.add_argument("--train-on", choices=["assistant", "all"], default="assistant")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument(
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 TRAIN_FLAGS = (
     "format", "columns", "max_steps", "epochs", "learning_rate", "seed", "lora_alpha", "lora_dropout",
-    "eval_fraction", "eval_every", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
+    "eval_fraction", "eval_every", "eval_generations", "sample_generations", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
     "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_seq_length",
     "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "max_memory",
     "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume", "push_to_hub", "hub_private",

@@ -52,6 +52,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     eval_every: int | None = None  # optimizer steps; None: about 5 evaluations per run
+    eval_generations: int = 0  # held-out prompts answered before/after for exact/contains match (0: off)
+    sample_generations: int = 3  # held-out answers shown side by side, before and after
     # LoRA (rank and targets are planner knobs too: they change memory)
     lora_r: int | None = None
     lora_alpha: int | None = None
@@ -141,6 +143,8 @@ class TrainConfig:
             problems.append(f"save_every_steps must be >= 1 (got {self.save_every_steps})")
         if self.keep_checkpoints < 1:
             problems.append(f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        if self.eval_generations < 0 or self.sample_generations < 0:
+            problems.append("eval_generations and sample_generations must be >= 0")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval_every must be >= 1 (got {self.eval_every})")
         if problems:

@@ -59,25 +59,34 @@ class Generator:
     def _generate_batch(
         self, prompts: Sequence[Prompt], max_new_tokens: int, temperature: float
     ) -> list[str]:
-        encoded = [prompt_ids(p, self.tokenizer) for p in prompts]
-        width = max(len(ids) for ids in encoded)
-        pad = self.tokenizer.pad_token_id
-        # Left padding: every prompt ends at the same column, so new tokens line up.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
-        attention_mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device
-        )
-        kwargs: dict[str, Any] = {"do_sample": temperature > 0}
-        if temperature > 0:
-            kwargs["temperature"] = temperature
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            **kwargs,
-        )
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens, temperature)
+
+
+@torch.no_grad()
+def generate_batch(
+    model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, temperature: float = 0.0
+) -> list[str]:
+    """One left-padded batch through `model` (any causal LM, e.g. the one being trained)."""
+    encoded = [prompt_ids(p, tokenizer) for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    # Left padding: every prompt ends at the same column, so new tokens line up.
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor(
+        [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+    )
+    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        **kwargs,
+    )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
 def generate(

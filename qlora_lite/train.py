@@ -78,6 +78,7 @@ class PreparedData:
     eval: list
     stats: Any
     n_records: int
+    eval_conversations: list = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -128,9 +129,8 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None) -> 
     eval_examples, _ = encode_mod.encode_dataset(
         eval_items, tokenizer, max_seq_length, train_on=config.train_on
     )
-    return PreparedData(
-        spec, data_mod.fingerprint(records, spec), train_examples, eval_examples, stats, len(records)
-    )
+    fingerprint = data_mod.fingerprint(records, spec)
+    return PreparedData(spec, fingerprint, train_examples, eval_examples, stats, len(records), eval_items)
 
 
 def make_optimizer(
@@ -386,7 +386,17 @@ def run(config: TrainConfig) -> TrainResult:
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    generations = None
+    if config.eval_generations or config.sample_generations:
+        from .gen_eval import before_after
+
+        generations = before_after(
+            model, tokenizer, prepared.eval_conversations, config.eval_generations, config.sample_generations
+        )
     metrics = _metrics(state, time.time() - started, train_seconds, checkpointer)
+    if generations and "after" in generations:
+        metrics["exact_match"] = generations["after"]["exact_match"]
+        metrics["contains_match"] = generations["after"]["contains_match"]
     plot = plot_loss(
         state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} LoRA"
     )
@@ -394,6 +404,7 @@ def run(config: TrainConfig) -> TrainResult:
         config=config, model_path=model_path, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
         total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
     )  # fmt: skip
+    record["generation_eval"] = generations
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
     if config.push_to_hub:

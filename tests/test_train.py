@@ -258,3 +258,29 @@ def test_plan_is_shown_in_a_plain_script(tiny_model, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "plan for detected" in done.stderr and "micro_batch_size" in done.stderr
+
+
+def test_held_out_generations_before_and_after_match_separately_loaded_models(tiny_model, tmp_path):
+    from qlora_lite.generate import Generator
+
+    result = qlora_lite.train(
+        tiny_model,
+        INSTRUCTION_ROWS,
+        tmp_path / "run",
+        eval_fraction=0.25,
+        eval_generations=4,
+        **{**FAST, "max_steps": 4},
+    )
+    gen = json.loads(result.run_record.read_text())["generation_eval"]
+    assert gen["examples"] == 4 and len(gen["samples"]) == 3
+    for part in ("before", "after"):
+        assert 0.0 <= gen[part]["exact_match"] <= gen[part]["contains_match"] <= 1.0
+    held_out = {row["instruction"]: row["output"] for row in INSTRUCTION_ROWS}
+    prompts = [s["prompt"] for s in gen["samples"]]
+    assert [s["expected"] for s in gen["samples"]] == [held_out[p] for p in prompts]
+    # "before" is the base model (adapter switched off), "after" the trained adapter: the same answers as
+    # loading each on its own.
+    base = Generator(model=tiny_model)(prompts, max_new_tokens=gen["max_new_tokens"])
+    tuned = Generator(result.adapter_dir)(prompts, max_new_tokens=gen["max_new_tokens"])
+    assert [s["before"] for s in gen["samples"]] == base
+    assert [s["after"] for s in gen["samples"]] == tuned
