@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from . import classify_data as cdata
-from .checkpoint import CheckpointStore
 from .classify_data import ClassifierExample
 from .config import TrainConfig, make_config
 from .errors import UserError
@@ -35,7 +34,6 @@ from .evaluate import (
 from .hardware import HardwareProfile, detect
 from .loop import (
     LoopState,
-    OutOfMemoryAtMicroBatchOne,
     StepRunner,
     is_out_of_memory,
     split_micro_batches,
@@ -65,15 +63,15 @@ from .record import (
 )
 from .resume import Checkpointer, check_same_parameters, check_same_run, restore, run_identity
 from .train import (
-    CHECKPOINTS,
     KEPT_ON_RESUME,
     PreparedData,
     TrainResult,
-    _durable_root,
     _finished,
     _metrics,
     _prepare_output,
     make_optimizer,
+    open_checkpoint_store,
+    probe_train_and_checkpoint,
     seed_everything,
 )
 
@@ -303,12 +301,7 @@ def run_classifier(
             confusion_matrix=matrix if matrix.exists() else None,
         )  # fmt: skip
 
-    store = CheckpointStore(
-        out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
-    )
-    if config.overwrite and store.backend is not None:
-        for name in store.backend.list():
-            store.backend.delete(name)
+    store = open_checkpoint_store(config, out)
     latest = store.latest() if config.resume != "never" else None
     if latest is not None:
         cdata.check_checkpoint_labels(latest, data.mapping)  # never forced: the head would mean other labels
@@ -393,7 +386,7 @@ def run_classifier(
     )  # fmt: skip
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": str(store.backend.root) if store.backend and hasattr(store.backend, "root") else None},
+        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None)},
         every_seconds=config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds,
         every_steps=config.save_every_steps,
     )  # fmt: skip
@@ -401,28 +394,9 @@ def run_classifier(
     ctx = SimpleNamespace(config=config, out=out, runner=runner, checkpointer=checkpointer, state=state, total_steps=total_steps,
                           effective=effective, eval_every=eval_every, eval_examples=eval_examples, mapping=data.mapping,
                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    train_seconds = time.perf_counter()
-    try:
-        longest = sorted(range(len(train_examples)), key=lambda i: -len(train_examples[i].input_ids))
-        runner.run(
-            longest[: state.micro_batch_size], state, apply=False
-        )  # an OOM shows up before any real step
-        _run_steps(ctx)
-        checkpointer.save(state)
-    except OutOfMemoryAtMicroBatchOne as exc:
-        raise UserError(str(exc)) from exc
-    except KeyboardInterrupt:
-        log.warning("interrupted: saving a checkpoint at step %d before stopping", state.step)
-        checkpointer.save(state)
-        store.flush(timeout=60)
-        raise
-    train_seconds = time.perf_counter() - train_seconds
-    if not store.flush(timeout=120):
-        log.warning(
-            "the durable copy of the last checkpoint is not finished: %s",
-            store.last_durable_error or "still copying",
-        )
-    store.close(timeout=5)
+    train_seconds = probe_train_and_checkpoint(
+        runner, state, train_examples, checkpointer, store, lambda: _run_steps(ctx)
+    )
 
     evaluation, matrix_png = None, None
     metrics = _metrics(state, time.time() - started, train_seconds, checkpointer)

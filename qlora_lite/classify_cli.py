@@ -37,7 +37,7 @@ def class_weights_arg(value: str) -> str | dict[str, float]:
 
 def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `classify` (predict) and `train-classifier` (train) to the CLI's subcommands."""
-    from .cli import add_checkpoint_flags, add_knob_flags, columns_arg
+    from .cli import add_run_flags
 
     c = sub.add_parser("classify", help="label texts with a trained classifier run")
     c.add_argument("run_dir", help="run folder written by train-classifier")
@@ -57,21 +57,9 @@ def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-data", help="held-out file (default: a stratified --eval-fraction split)")
     t.add_argument("--text-column", help="default: text/sentence/content")
     t.add_argument("--label-column", help="default: label/labels/category/intent/class")
-    t.add_argument("--columns", type=columns_arg, metavar="ROLE=COL,...")
     t.add_argument("--labels", help="comma-separated label order (ids); default: sorted")
     t.add_argument("--class-weights", type=class_weights_arg, metavar="balanced|LABEL=W,...")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--learning-rate", type=float, default=2e-4)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--lora-alpha", type=int)
-    t.add_argument("--lora-dropout", type=float, default=0.05)
-    t.add_argument("--eval-fraction", type=float, default=0.1)
-    t.add_argument("--eval-every", type=int)
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
-    t.add_argument("--no-progress", action="store_true")
-    add_checkpoint_flags(t)
-    add_knob_flags(t)
+    add_run_flags(t)
 
 
 def _text_column(records: list[dict], wanted: str | None, path: str) -> str:

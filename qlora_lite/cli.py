@@ -74,6 +74,23 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The schedule, LoRA, checkpoint and planner flags every training command shares."""
+    parser.add_argument("--columns", type=columns_arg, metavar="ROLE=COL,...")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--lora-alpha", type=int)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--eval-fraction", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    parser.add_argument("--no-progress", action="store_true")
+    add_checkpoint_flags(parser)
+    add_knob_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-lite", description="Fine-tune LLMs with LoRA/QLoRA that fits."
@@ -90,30 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="JSONL, JSON, CSV or Parquet file")
     t.add_argument("--output", required=True, help="run folder to write")
     t.add_argument("--format", help="data format (default: detected)")
-    t.add_argument("--columns", type=columns_arg, metavar="ROLE=COL,...")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--learning-rate", type=float, default=2e-4)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--lora-alpha", type=int)
-    t.add_argument("--lora-dropout", type=float, default=0.05)
-    t.add_argument("--eval-fraction", type=float, default=0.1)
-    t.add_argument("--eval-every", type=int)
+    add_run_flags(t)
     t.add_argument(
         "--eval-generations", type=int, help="held-out prompts scored by exact/contains match (default 0)"
     )
     t.add_argument("--sample-generations", type=int, help="held-out answers shown before/after (default 3)")
     t.add_argument("--train-on", choices=["assistant", "all"], default="assistant")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     t.add_argument(
         "--push-to-hub", metavar="REPO_ID", help="push the adapter and a model card when training ends"
     )
     t.add_argument(
         "--hub-public", dest="hub_private", action="store_false", default=None, help="make a new repo public"
     )
-    t.add_argument("--no-progress", action="store_true")
-    add_checkpoint_flags(t)
-    add_knob_flags(t)
 
     r = sub.add_parser("resume", help="continue an interrupted run with the settings it started with")
     r.add_argument("run_dir")

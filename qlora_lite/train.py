@@ -162,16 +162,24 @@ def _prepare_output(config: TrainConfig) -> Path:
     return out
 
 
-def _checkpoint_store(config: TrainConfig, out: Path) -> CheckpointStore:
-    """Local checkpoints plus the durable place: `hf://user/repo`, a folder, or Drive when mounted."""
+def open_checkpoint_store(config: TrainConfig, out: Path) -> CheckpointStore:
+    """Local checkpoints plus the durable place: `hf://user/repo`, a folder, or Drive when mounted.
+
+    With `overwrite`, the run's durable checkpoints go too, or the next resume would find the old run there.
+    """
     from .hub_backend import backend_from_spec
 
     backend = backend_from_spec(config.checkpoint_dir) if config.checkpoint_dir else None
     if backend is not None:
-        return CheckpointStore(out / CHECKPOINTS, backend=backend, keep=config.keep_checkpoints)
-    return CheckpointStore(
-        out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
-    )
+        store = CheckpointStore(out / CHECKPOINTS, backend=backend, keep=config.keep_checkpoints)
+    else:
+        store = CheckpointStore(
+            out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
+        )
+    if config.overwrite and store.backend is not None:
+        for name in store.backend.list():
+            store.backend.delete(name)
+    return store
 
 
 def _durable_root(config: TrainConfig, out: Path) -> Path | None:
@@ -264,11 +272,7 @@ def run(config: TrainConfig) -> TrainResult:
             out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"]
         )
 
-    store = _checkpoint_store(config, out)
-    if config.overwrite and store.backend is not None:
-        # "Replace the run" covers its durable copies too, or the next resume would find the old run there.
-        for name in store.backend.list():
-            store.backend.delete(name)
+    store = open_checkpoint_store(config, out)
     latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
     if latest is not None:
         check_same_run(latest, identity, force=config.resume == "force")
@@ -350,39 +354,17 @@ def run(config: TrainConfig) -> TrainResult:
         every_seconds=every_seconds, every_steps=config.save_every_steps,
     )  # fmt: skip
     eval_every = config.eval_every or max(1, total_steps // 5)
-    train_seconds = time.perf_counter()
-    try:
-        # Probe: the longest examples, one micro-batch, forward+backward, no update. An OOM shows up now
-        # and backs off before any real step, not hours in when the longest batch comes up.
-        longest = sorted(range(len(prepared.train)), key=lambda i: -len(prepared.train[i].input_ids))
-        runner.run(longest[: state.micro_batch_size], state, apply=False)
-        _run_steps(
-            config,
-            out,
-            prepared,
-            runner,
-            checkpointer,
-            state,
-            total_steps,
-            the_plan.effective_batch_size,
-            eval_every,
-            tokenizer,
-        )
-        checkpointer.save(state)
-    except OutOfMemoryAtMicroBatchOne as exc:
-        raise UserError(str(exc)) from exc
-    except KeyboardInterrupt:
-        log.warning("interrupted: saving a checkpoint at step %d before stopping", state.step)
-        checkpointer.save(state)
-        store.flush(timeout=60)
-        raise
-    train_seconds = time.perf_counter() - train_seconds
-    if not store.flush(timeout=120):
-        log.warning(
-            "the durable copy of the last checkpoint is not finished: %s",
-            store.last_durable_error or "still copying",
-        )
-    store.close(timeout=5)
+    train_seconds = probe_train_and_checkpoint(
+        runner,
+        state,
+        prepared.train,
+        checkpointer,
+        store,
+        lambda: _run_steps(
+            config, out, prepared, runner, checkpointer, state, total_steps, the_plan.effective_batch_size,
+            eval_every, tokenizer,
+        ),
+    )  # fmt: skip
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -413,6 +395,36 @@ def run(config: TrainConfig) -> TrainResult:
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)
     return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
+
+
+def probe_train_and_checkpoint(runner, state, examples, checkpointer, store, run_steps) -> float:
+    """Probe, run the steps, take the last checkpoint and wait for its durable copy; returns training seconds.
+
+    The probe runs the longest examples as one micro-batch, forward and backward, without an update: an OOM
+    shows up (and backs off) before any real step, not hours in when the longest batch comes up. Ctrl-C saves
+    a checkpoint before it stops the run.
+    """
+    started = time.perf_counter()
+    try:
+        longest = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+        runner.run(longest[: state.micro_batch_size], state, apply=False)
+        run_steps()
+        checkpointer.save(state)
+    except OutOfMemoryAtMicroBatchOne as exc:
+        raise UserError(str(exc)) from exc
+    except KeyboardInterrupt:
+        log.warning("interrupted: saving a checkpoint at step %d before stopping", state.step)
+        checkpointer.save(state)
+        store.flush(timeout=60)
+        raise
+    seconds = time.perf_counter() - started
+    if not store.flush(timeout=120):
+        log.warning(
+            "the durable copy of the last checkpoint is not finished: %s",
+            store.last_durable_error or "still copying",
+        )
+    store.close(timeout=5)
+    return seconds
 
 
 def _metrics(
@@ -451,51 +463,56 @@ def _run_steps(
 ) -> None:
     """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     throughput = Throughput()
     bar = tqdm(
         total=total_steps, initial=state.step, disable=not config.progress, unit="step", dynamic_ncols=True
     )
-    try:
-        while state.step < total_steps:
-            indices = step_examples(state.step, len(prepared.train), effective_batch_size, config.seed)
-            t0 = time.perf_counter()
-            loss = runner.run(indices, state)
-            seconds = time.perf_counter() - t0
-            tokens = sum(len(prepared.train[i].input_ids) for i in indices)
-            state.step += 1
-            state.examples_seen += len(indices)
-            state.tokens_seen += tokens
-            throughput.add(tokens)
-            row = {
-                "step": state.step,
-                "loss": round(loss, 6),
-                "learning_rate": runner.scheduler.get_last_lr()[0],
-                "examples_seen": state.examples_seen,
-                "tokens_seen": state.tokens_seen,
-                "micro_batch_size": state.micro_batch_size,
-                "seconds": round(seconds, 4),
-            }
-            state.history.append(row)
-            append_step_log(out, row)
-            if state.step % eval_every == 0 or state.step == total_steps:
-                eval_loss = evaluate_loss(
-                    runner.model,
-                    prepared.eval,
-                    tokenizer.pad_token_id,
-                    runner.device,
-                    state.micro_batch_size,
-                    runner.autocast_dtype,
+    # Log lines (checkpoints saved, evals) print above the bar instead of breaking it.
+    with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("qlora_lite")]):
+        try:
+            while state.step < total_steps:
+                indices = step_examples(state.step, len(prepared.train), effective_batch_size, config.seed)
+                t0 = time.perf_counter()
+                loss = runner.run(indices, state)
+                seconds = time.perf_counter() - t0
+                tokens = sum(len(prepared.train[i].input_ids) for i in indices)
+                state.step += 1
+                state.examples_seen += len(indices)
+                state.tokens_seen += tokens
+                throughput.add(tokens)
+                row = {
+                    "step": state.step,
+                    "loss": round(loss, 6),
+                    "learning_rate": runner.scheduler.get_last_lr()[0],
+                    "examples_seen": state.examples_seen,
+                    "tokens_seen": state.tokens_seen,
+                    "micro_batch_size": state.micro_batch_size,
+                    "seconds": round(seconds, 4),
+                }
+                state.history.append(row)
+                append_step_log(out, row)
+                if state.step % eval_every == 0 or state.step == total_steps:
+                    eval_loss = evaluate_loss(
+                        runner.model,
+                        prepared.eval,
+                        tokenizer.pad_token_id,
+                        runner.device,
+                        state.micro_batch_size,
+                        runner.autocast_dtype,
+                    )
+                    if eval_loss is not None:
+                        state.eval_history.append({"step": state.step, "eval_loss": round(eval_loss, 6)})
+                        append_step_log(out, state.eval_history[-1])
+                if state.step < total_steps and checkpointer.due(state):
+                    checkpointer.save(state)
+                for callback in config.callbacks:
+                    if hasattr(callback, "on_step_end"):
+                        callback.on_step_end(state)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", tok_s=f"{throughput.tokens_per_second:.0f}", refresh=False
                 )
-                if eval_loss is not None:
-                    state.eval_history.append({"step": state.step, "eval_loss": round(eval_loss, 6)})
-                    append_step_log(out, state.eval_history[-1])
-            if state.step < total_steps and checkpointer.due(state):
-                checkpointer.save(state)
-            for callback in config.callbacks:
-                if hasattr(callback, "on_step_end"):
-                    callback.on_step_end(state)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{throughput.tokens_per_second:.0f}", refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
+                bar.update(1)
+        finally:
+            bar.close()
