@@ -33,7 +33,6 @@ from .evaluate import (
 )
 from .hardware import HardwareProfile, detect
 from .loop import (
-    LoopState,
     StepRunner,
     is_out_of_memory,
     split_micro_batches,
@@ -58,10 +57,9 @@ from .record import (
     build_run_record,
     model_identity,
     plot_loss,
-    rewrite_step_log,
     write_json_atomic,
 )
-from .resume import Checkpointer, check_same_parameters, check_same_run, restore, run_identity
+from .resume import Checkpointer, check_same_run, run_identity
 from .train import (
     KEPT_ON_RESUME,
     PreparedData,
@@ -69,10 +67,10 @@ from .train import (
     _finished,
     _metrics,
     _prepare_output,
-    make_optimizer,
     open_checkpoint_store,
     probe_train_and_checkpoint,
     seed_everything,
+    start_or_restore,
 )
 
 log = logging.getLogger(__name__)
@@ -361,22 +359,7 @@ def run_classifier(
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(train_examples), effective))
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(the_plan.optimizer, trainable, config.learning_rate, config.weight_decay)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    state = LoopState(micro_batch_size=the_plan.micro_batch_size)
-    if latest is not None:
-        check_same_parameters(latest, model)
-        state = restore(store, latest, model, optimizer, scheduler)
-        state.micro_batch_size = the_plan.micro_batch_size
-    rewrite_step_log(out, state.history, state.eval_history)
+    optimizer, scheduler, state = start_or_restore(config, the_plan, model, total_steps, store, latest, out)
     cuda_half = device.type == "cuda" and the_plan.compute_dtype != "fp32"
     runner = ClassifierStepRunner(
         model, optimizer, scheduler, train_examples, pad_token_id=tokenizer.pad_token_id, device=device,

@@ -169,6 +169,12 @@ TRAIN_FLAGS = (
 )  # fmt: skip
 
 
+def print_result(result) -> None:
+    """A finished (or resumed) run's folder and metrics as one JSON object on stdout."""
+    summary = {"output_dir": str(result.output_dir), "resumed_from_step": result.resumed_from_step}
+    print(json.dumps({**summary, **result.metrics}, indent=2))
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .hardware import describe, detect
 
@@ -190,16 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     overrides["progress"] = not args.no_progress
     result = train(args.model, args.data, args.output, **overrides)
-    print(
-        json.dumps(
-            {
-                "output_dir": str(result.output_dir),
-                "resumed_from_step": result.resumed_from_step,
-                **result.metrics,
-            },
-            indent=2,
-        )
-    )
+    print_result(result)
     return 0
 
 
@@ -240,16 +237,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     else:
         result = train(saved["model"], saved["data"], str(run_dir), **settings)
-    print(
-        json.dumps(
-            {
-                "output_dir": str(result.output_dir),
-                "resumed_from_step": result.resumed_from_step,
-                **result.metrics,
-            },
-            indent=2,
-        )
-    )
+    print_result(result)
     return 0
 
 

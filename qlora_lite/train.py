@@ -312,28 +312,7 @@ def run(config: TrainConfig) -> TrainResult:
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(prepared.train), the_plan.effective_batch_size))
     )
-    optimizer = make_optimizer(
-        the_plan.optimizer,
-        [p for p in model.parameters() if p.requires_grad],
-        config.learning_rate,
-        config.weight_decay,
-    )
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    state = LoopState(micro_batch_size=the_plan.micro_batch_size)
-    if latest is not None:
-        check_same_parameters(latest, model)
-        state = restore(store, latest, model, optimizer, scheduler)
-        state.micro_batch_size = the_plan.micro_batch_size
-        rewrite_step_log(out, state.history, state.eval_history)
-    else:
-        rewrite_step_log(out, [], [])
+    optimizer, scheduler, state = start_or_restore(config, the_plan, model, total_steps, store, latest, out)
 
     autocast_dtype = (
         None
@@ -395,6 +374,27 @@ def run(config: TrainConfig) -> TrainResult:
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)
     return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
+
+
+def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path):
+    """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(the_plan.optimizer, trainable, config.learning_rate, config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    state = LoopState(micro_batch_size=the_plan.micro_batch_size)
+    if latest is not None:
+        check_same_parameters(latest, model)
+        state = restore(store, latest, model, optimizer, scheduler)
+        state.micro_batch_size = the_plan.micro_batch_size  # the plan may have re-split it on this machine
+    rewrite_step_log(out, state.history, state.eval_history)
+    return optimizer, scheduler, state
 
 
 def probe_train_and_checkpoint(runner, state, examples, checkpointer, store, run_steps) -> float:
