@@ -60,18 +60,16 @@ from .record import (
     write_json_atomic,
 )
 from .resume import Checkpointer, check_same_run, run_identity
-from .train import (
-    KEPT_ON_RESUME,
-    PreparedData,
-    TrainResult,
-    _finished,
-    _metrics,
-    _prepare_output,
+from .run_setup import (
+    finished_record,
     open_checkpoint_store,
+    prepare_output_dir,
     probe_train_and_checkpoint,
+    run_metrics,
     seed_everything,
     start_or_restore,
 )
+from .train import KEPT_ON_RESUME, PreparedData, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +279,12 @@ def run_classifier(
     identity["classification"] = {"labels": list(data.mapping.names), "class_weights": weights}
     if not config.overwrite:
         cdata.check_saved_labels(Path(config.output_dir).expanduser() / RUN_RECORD, data.mapping)
-    out = _prepare_output(config)
+    out = prepare_output_dir(config)
     if config.overwrite:
         for name in (LABELS_FILE, CONFUSION_PLOT):
             (out / name).unlink(missing_ok=True)
     hardware = _hardware(config, out)
-    finished = _finished(out, identity)
+    finished = finished_record(out, identity)
     if finished is not None:
         log.info(
             "%s already holds this run, finished at step %d: nothing to do", out, finished["metrics"]["steps"]
@@ -382,7 +380,7 @@ def run_classifier(
     )
 
     evaluation, matrix_png = None, None
-    metrics = _metrics(state, time.time() - started, train_seconds, checkpointer)
+    metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
     metrics.pop("eval_perplexity", None)
     if eval_examples:
         evaluation, eval_loss = evaluate_examples(

@@ -5,28 +5,22 @@ Each stage lives in its own module; this one only wires them together.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import data as data_mod
 from . import encode as encode_mod
-from .checkpoint import CheckpointInfo, CheckpointStore, default_durable_root
+from .checkpoint import CheckpointInfo
 from .config import TrainConfig, make_config
 from .errors import UserError
 from .hardware import HardwareProfile, detect
 from .loop import (
-    LoopState,
-    OutOfMemoryAtMicroBatchOne,
     StepRunner,
     Throughput,
     evaluate_loss,
@@ -38,20 +32,25 @@ from .record import (
     LOSS_PLOT,
     RUN_CONFIG,
     RUN_RECORD,
-    STEP_LOG,
     append_step_log,
     build_run_record,
     model_identity,
     plot_loss,
-    rewrite_step_log,
     write_json_atomic,
 )
-from .resume import Checkpointer, check_same_parameters, check_same_run, restore, run_identity
+from .resume import Checkpointer, check_same_run, run_identity
+from .run_setup import (
+    finished_record,
+    open_checkpoint_store,
+    prepare_output_dir,
+    probe_train_and_checkpoint,
+    run_metrics,
+    seed_everything,
+    start_or_restore,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-RUN_FILES = (RUN_RECORD, RUN_CONFIG, STEP_LOG, LOSS_PLOT, "adapter_config.json", "adapter_model.safetensors")
 # Planner knobs a resumed run keeps from its checkpoint (micro-batch/accumulation may be re-split).
 KEPT_ON_RESUME = (
     "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",
@@ -79,12 +78,6 @@ class PreparedData:
     stats: Any
     n_records: int
     eval_conversations: list = field(default_factory=list)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def show_progress_messages() -> None:
@@ -133,78 +126,6 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None) -> 
     return PreparedData(spec, fingerprint, train_examples, eval_examples, stats, len(records), eval_items)
 
 
-def make_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import bitsandbytes as bnb
-
-    classes = {
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-    }
-    if name not in classes:
-        raise UserError(f"optimizer {name!r} is not one of adamw_torch, {', '.join(classes)}")
-    return classes[name](params, lr=lr, weight_decay=weight_decay)
-
-
-def _prepare_output(config: TrainConfig) -> Path:
-    out = Path(config.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file: give a folder for the run")
-    if config.overwrite and out.is_dir():
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def open_checkpoint_store(config: TrainConfig, out: Path) -> CheckpointStore:
-    """Local checkpoints plus the durable place: `hf://user/repo`, a folder, or Drive when mounted.
-
-    With `overwrite`, the run's durable checkpoints go too, or the next resume would find the old run there.
-    """
-    from .hub_backend import backend_from_spec
-
-    backend = backend_from_spec(config.checkpoint_dir) if config.checkpoint_dir else None
-    if backend is not None:
-        store = CheckpointStore(out / CHECKPOINTS, backend=backend, keep=config.keep_checkpoints)
-    else:
-        store = CheckpointStore(
-            out / CHECKPOINTS, durable_root=_durable_root(config, out), keep=config.keep_checkpoints
-        )
-    if config.overwrite and store.backend is not None:
-        for name in store.backend.list():
-            store.backend.delete(name)
-    return store
-
-
-def _durable_root(config: TrainConfig, out: Path) -> Path | None:
-    if config.checkpoint_dir:
-        return Path(config.checkpoint_dir).expanduser()
-    root = default_durable_root(out.resolve().name or "run")
-    if root is not None:
-        log.info("Google Drive is mounted: checkpoints are copied to %s", root)
-    return root
-
-
-def _finished(out: Path, identity: dict) -> dict | None:
-    """The run record of a finished run in `out`; refuse one that belongs to another run."""
-    record_path = out / RUN_RECORD
-    if not record_path.is_file():
-        return None
-    record = json.loads(record_path.read_text())
-    if record.get("identity") == identity:
-        return record
-    raise UserError(
-        f"output folder {out} already holds a different finished run ({RUN_RECORD}): choose another --output, "
-        "or pass --overwrite (overwrite=True) to replace it"
-    )
-
-
 def _plan(
     model_path: str, lengths: list[int], hardware: HardwareProfile, config: TrainConfig, saved: dict | None
 ):
@@ -250,7 +171,7 @@ def run(config: TrainConfig) -> TrainResult:
 
         return run_classifier(config)
     started = time.time()
-    out = _prepare_output(config)
+    out = prepare_output_dir(config)
     hardware = config.hardware if isinstance(config.hardware, HardwareProfile) else None
     if hardware is None:
         from .profiles import get_profile
@@ -262,7 +183,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     unbounded = prepare_data(config, tokenizer, max_seq_length=None)
     identity = run_identity(config, model_identity(model_path), unbounded.fingerprint)
-    finished = _finished(out, identity)
+    finished = finished_record(out, identity)
     if finished is not None:
         log.info(
             "%s already holds this run, finished at step %d: nothing to do", out, finished["metrics"]["steps"]
@@ -354,7 +275,7 @@ def run(config: TrainConfig) -> TrainResult:
         generations = before_after(
             model, tokenizer, prepared.eval_conversations, config.eval_generations, config.sample_generations
         )
-    metrics = _metrics(state, time.time() - started, train_seconds, checkpointer)
+    metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
     if generations and "after" in generations:
         metrics["exact_match"] = generations["after"]["exact_match"]
         metrics["contains_match"] = generations["after"]["contains_match"]
@@ -374,79 +295,6 @@ def run(config: TrainConfig) -> TrainResult:
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)
     return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
-
-
-def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path):
-    """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
-    from transformers import get_scheduler
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(the_plan.optimizer, trainable, config.learning_rate, config.weight_decay)
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    state = LoopState(micro_batch_size=the_plan.micro_batch_size)
-    if latest is not None:
-        check_same_parameters(latest, model)
-        state = restore(store, latest, model, optimizer, scheduler)
-        state.micro_batch_size = the_plan.micro_batch_size  # the plan may have re-split it on this machine
-    rewrite_step_log(out, state.history, state.eval_history)
-    return optimizer, scheduler, state
-
-
-def probe_train_and_checkpoint(runner, state, examples, checkpointer, store, run_steps) -> float:
-    """Probe, run the steps, take the last checkpoint and wait for its durable copy; returns training seconds.
-
-    The probe runs the longest examples as one micro-batch, forward and backward, without an update: an OOM
-    shows up (and backs off) before any real step, not hours in when the longest batch comes up. Ctrl-C saves
-    a checkpoint before it stops the run.
-    """
-    started = time.perf_counter()
-    try:
-        longest = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-        runner.run(longest[: state.micro_batch_size], state, apply=False)
-        run_steps()
-        checkpointer.save(state)
-    except OutOfMemoryAtMicroBatchOne as exc:
-        raise UserError(str(exc)) from exc
-    except KeyboardInterrupt:
-        log.warning("interrupted: saving a checkpoint at step %d before stopping", state.step)
-        checkpointer.save(state)
-        store.flush(timeout=60)
-        raise
-    seconds = time.perf_counter() - started
-    if not store.flush(timeout=120):
-        log.warning(
-            "the durable copy of the last checkpoint is not finished: %s",
-            store.last_durable_error or "still copying",
-        )
-    store.close(timeout=5)
-    return seconds
-
-
-def _metrics(
-    state: LoopState, seconds: float, train_seconds: float, checkpointer: Checkpointer
-) -> dict[str, Any]:
-    final_eval = state.eval_history[-1]["eval_loss"] if state.eval_history else None
-    step_seconds = sum(r["seconds"] for r in state.history)
-    return {
-        "train_loss": state.history[-1]["loss"] if state.history else None,
-        "eval_loss": final_eval,
-        "eval_perplexity": math.exp(final_eval) if final_eval is not None and final_eval < 50 else None,
-        "steps": state.step,
-        "examples_seen": state.examples_seen,
-        "tokens_seen": state.tokens_seen,
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(state.tokens_seen / max(1e-9, step_seconds), 2),
-        "checkpoints_saved": checkpointer.saves,
-        "checkpoint_seconds": round(checkpointer.seconds_saving, 3),
-        "checkpoint_overhead": round(checkpointer.seconds_saving / max(1e-9, train_seconds), 4),
-        "oom_backoffs": state.oom_backoffs,
-        "final_micro_batch_size": state.micro_batch_size,
-    }
 
 
 def _run_steps(
