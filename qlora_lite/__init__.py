@@ -11,7 +11,8 @@ from __future__ import annotations
 
 # Imported eagerly on purpose: `train`, `plan` and `generate` are both modules and functions, and the
 # function must win whatever imports the submodule later.
-from .classify import classify, load_classifier, train_classifier
+from .classify import train_classifier
+from .classify_predict import classify, load_classifier
 from .data import detect_format, load_records
 from .demo import run_demo
 from .demo_model import ensure_demo_model

@@ -121,7 +121,7 @@ def _file_mode(args: argparse.Namespace, classifier, record: dict) -> int:
 
 def run_classify(args: argparse.Namespace) -> int:
     """`qlora-lite classify RUN_DIR "text" ...` or `--input FILE [--output OUT.jsonl]`."""
-    from .classify import load_classifier
+    from .classify_predict import load_classifier
     from .model import read_run_record
 
     if bool(args.texts) == bool(args.input):

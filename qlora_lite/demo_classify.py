@@ -163,7 +163,8 @@ def run_classify_demo(
     output_dir: str = "runs/classify-demo", *, model: str = "minilm", progress: bool = True, **overrides: Any
 ) -> dict[str, Any]:
     """Train the intent classifier and measure held-out accuracy before/after against the majority baseline."""
-    from .classify import load_classifier, train_classifier
+    from .classify import train_classifier
+    from .classify_predict import load_classifier
     from .evaluate import classification_metrics, majority_baseline
     from .record import write_json_atomic
 
@@ -222,8 +223,9 @@ def run_classify_demo(
 def _untrained_accuracy(model_dir: Path, names: list[str], rows: list[dict], quantization: str) -> float:
     import torch
 
-    from .classify import Classifier, load_classification_base
+    from .classify import load_classification_base
     from .classify_data import LabelMapping
+    from .classify_predict import Classifier
     from .model import load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_lite import classify_cli
-from qlora_lite.classify import ClassifierStepRunner, classify, load_classifier, train_classifier
+from qlora_lite.classify import ClassifierStepRunner, train_classifier
 from qlora_lite.classify_data import ClassifierExample, LabelMapping, stratified_split
+from qlora_lite.classify_predict import classify, load_classifier
 from qlora_lite.errors import UserError
 from qlora_lite.loop import LoopState
 
