@@ -347,10 +347,12 @@ def plan(
     def micro_batches(free_all: bool) -> list[int]:
         if mb_fixed and not free_all:
             return [mb_fixed]
-        top = 1 << max(0, int(math.log2(effective)))
+        top = effective
         if ga_fixed and not free_all:
             top = max(1, effective // ga_fixed)
-        return [m for m in (1 << k for k in range(int(math.log2(top)) + 1))]
+        # Every size, not just powers of two: the loop runs a step's examples as micro-batches of any size
+        # (e.g. 8 as 3+3+2) with the same update, so the largest size that fits can be used.
+        return list(range(1, top + 1))
 
     def search(free_all: bool, seq_len: int) -> tuple[dict, Any] | None:
         gcs = (
@@ -415,8 +417,8 @@ def plan(
     accumulation = ga_fixed if ga_fixed and mb_fixed else math.ceil(effective / mb)
     if effective % mb:
         reasons["gradient_accumulation_steps"] = (
-            f"effective batch {effective} is not a multiple of micro-batch {mb}: "
-            f"{mb} x {accumulation} = {mb * accumulation} examples per step"
+            f"effective batch {effective} is not a multiple of micro-batch {mb}: each step still takes "
+            f"{effective} examples, as {accumulation} micro-batches ({mb} x {accumulation - 1} + {effective - mb * (accumulation - 1)})"
         )
     else:
         reasons["gradient_accumulation_steps"] = (
@@ -504,7 +506,7 @@ def _explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effe
         )
     else:
         reasons["gradient_checkpointing"] = f"off (~30% faster): {format_bytes(peak)} {of} with it off"
-    bigger = mb * 2
+    bigger = mb + 1
     if peak > target:
         reasons["micro_batch_size"] = (
             f"{mb} needs {format_bytes(peak)}, more than the {format_bytes(target)} allowed"

@@ -284,3 +284,20 @@ def test_held_out_generations_before_and_after_match_separately_loaded_models(ti
     tuned = Generator(result.adapter_dir)(prompts, max_new_tokens=gen["max_new_tokens"])
     assert [s["before"] for s in gen["samples"]] == base
     assert [s["after"] for s in gen["samples"]] == tuned
+
+
+def test_a_micro_batch_that_does_not_divide_the_step_gives_the_same_training(tiny_model, tmp_path):
+    """Effective batch 8 as micro-batches 3+3+2 updates exactly like one micro-batch of 8 (the planner may pick 3)."""
+    settings = {**FAST, "max_steps": 3, "effective_batch_size": 8, "lora_dropout": 0.0}
+    whole = qlora_lite.train(
+        tiny_model, INSTRUCTION_ROWS, tmp_path / "whole", **{**settings, "micro_batch_size": 8}
+    )
+    split = qlora_lite.train(
+        tiny_model, INSTRUCTION_ROWS, tmp_path / "split", **{**settings, "micro_batch_size": 3}
+    )
+    assert split.plan.gradient_accumulation_steps == 3
+    assert split.metrics["examples_seen"] == whole.metrics["examples_seen"]
+    a = load_file(whole.output_dir / "adapter_model.safetensors")
+    b = load_file(split.output_dir / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
