@@ -33,7 +33,8 @@ from .evaluate import (
 from .hardware import HardwareProfile, detect
 from .loop import (
     StepRunner,
-    is_out_of_memory,
+    autocast,
+    eval_halving_batch_on_oom,
     split_micro_batches,
     step_examples,
     steps_per_epoch,
@@ -118,11 +119,7 @@ class ClassifierStepRunner(StepRunner):
         for micro in split_micro_batches(indices, self.examples, micro_batch_size):
             batch = collate([self.examples[i] for i in micro], self.pad_token_id, self.device)
             labels = batch.pop("labels")
-            with torch.autocast(
-                device_type=torch.device(self.device).type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
+            with autocast(self.device, self.autocast_dtype):
                 logits = self.model(**batch).logits
             loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="sum")
             loss = loss / denominator
@@ -136,29 +133,17 @@ def predict_logits(
     model, examples: list[ClassifierExample], pad_token_id: int, device, batch_size: int, autocast_dtype=None
 ) -> torch.Tensor:
     """Logits (float32, on CPU) for every example in order; halves the batch on out-of-memory."""
-    was_training = model.training
-    model.eval()
-    try:
-        while True:
-            try:
-                out = torch.empty((len(examples), model.config.num_labels))
-                for micro in split_micro_batches(range(len(examples)), examples, batch_size):
-                    batch = collate([examples[i] for i in micro], pad_token_id, device)
-                    batch.pop("labels")
-                    with torch.autocast(
-                        device_type=torch.device(device).type,
-                        dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None,
-                    ):
-                        out[micro] = model(**batch).logits.float().cpu()
-                return out
-            except Exception as exc:
-                if not is_out_of_memory(exc) or batch_size == 1:
-                    raise
-                batch_size //= 2
-                log.warning("out of memory while predicting: retrying at batch %d", batch_size)
-    finally:
-        model.train(was_training)
+
+    def run_pass(size: int) -> torch.Tensor:
+        out = torch.empty((len(examples), model.config.num_labels))
+        for micro in split_micro_batches(range(len(examples)), examples, size):
+            batch = collate([examples[i] for i in micro], pad_token_id, device)
+            batch.pop("labels")
+            with autocast(device, autocast_dtype):
+                out[micro] = model(**batch).logits.float().cpu()
+        return out
+
+    return eval_halving_batch_on_oom(model, batch_size, run_pass, "prediction")
 
 
 def evaluate_examples(

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -23,6 +24,7 @@ from .encode import Example
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+T = TypeVar("T")
 
 
 @dataclass
@@ -120,11 +122,7 @@ class StepRunner:
         for micro in split_micro_batches(indices, self.examples, micro_batch_size):
             batch = collate([self.examples[i] for i in micro], self.pad_token_id, self.device)
             num_items = torch.tensor(denominator, device=self.device)
-            with torch.autocast(
-                device_type=torch.device(self.device).type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
+            with autocast(self.device, self.autocast_dtype):
                 # Sum of token losses / supervised tokens of the whole step: the split does not matter.
                 loss = self.model(**batch, num_items_in_batch=num_items).loss
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
@@ -200,19 +198,38 @@ def evaluate_loss(
     """Mean token loss on held-out examples (token-weighted, like training); halves its batch on OOM."""
     if not examples:
         return None
+    return eval_halving_batch_on_oom(
+        model,
+        micro_batch_size,
+        lambda size: _eval_pass(model, examples, pad_token_id, device, size, autocast_dtype),
+        "evaluation",
+    )
+
+
+def eval_halving_batch_on_oom(
+    model: torch.nn.Module, batch_size: int, run_pass: Callable[[int], T], what: str
+) -> T:
+    """Run `run_pass(batch_size)` in eval mode; on out-of-memory retry it at half the batch (down to 1)."""
     was_training = model.training
     model.eval()
     try:
         while True:
             try:
-                return _eval_pass(model, examples, pad_token_id, device, micro_batch_size, autocast_dtype)
+                return run_pass(batch_size)
             except Exception as exc:
-                if not is_out_of_memory(exc) or micro_batch_size == 1:
+                if not is_out_of_memory(exc) or batch_size == 1:
                     raise
-                micro_batch_size //= 2
-                log.warning("out of memory during evaluation: retrying at micro-batch %d", micro_batch_size)
+                batch_size //= 2
+                log.warning("out of memory during %s: retrying at batch %d", what, batch_size)
     finally:
         model.train(was_training)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` on the device, or nothing when `dtype` is None (fp32, CPU)."""
+    return torch.autocast(
+        device_type=torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None
+    )
 
 
 def _eval_pass(model, examples, pad_token_id, device, micro_batch_size, autocast_dtype) -> float | None:
@@ -222,11 +239,7 @@ def _eval_pass(model, examples, pad_token_id, device, micro_batch_size, autocast
         n = sum(supervised_tokens(examples[i]) for i in micro)
         if n == 0:
             continue
-        with torch.autocast(
-            device_type=torch.device(device).type,
-            dtype=autocast_dtype or torch.float32,
-            enabled=autocast_dtype is not None,
-        ):
+        with autocast(device, autocast_dtype):
             loss = model(**batch, num_items_in_batch=torch.tensor(n, device=device)).loss
         total += float(loss) * n
         count += n

@@ -106,14 +106,8 @@ def train(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainResu
     return run(make_config(model, data, output_dir, **overrides))
 
 
-def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None) -> PreparedData:
-    records, spec = data_mod.load_dataset_for_training(
-        config.data, format=config.format, columns=config.columns
-    )
-    if spec.task != "causal_lm":
-        raise UserError(
-            f"{spec.name} data ({spec.reason}) is a classification task; train() does not support it yet"
-        )
+def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None, records, spec) -> PreparedData:
+    """Split and encode already loaded records (the file is read once per run, in `run`)."""
     conversations = data_mod.to_conversations(records, spec)
     train_items, eval_items = data_mod.split_train_eval(conversations, config.eval_fraction, seed=config.seed)
     train_examples, stats = encode_mod.encode_dataset(
@@ -157,16 +151,11 @@ def _plan(
     return the_plan
 
 
-def is_classification(config: TrainConfig) -> bool:
-    """Labelled texts (a text and a label column) go to the classifier trainer."""
-    if config.format is not None:
-        return config.format == "classification"
-    spec = data_mod.detect_format(data_mod.load_records(config.data), columns=config.columns)
-    return spec.task == "classification"
-
-
 def run(config: TrainConfig) -> TrainResult:
-    if is_classification(config):
+    records, spec = data_mod.load_dataset_for_training(
+        config.data, format=config.format, columns=config.columns
+    )
+    if spec.task == "classification":  # labelled texts go to the classifier trainer
         from .classify import run_classifier
 
         return run_classifier(config)
@@ -181,7 +170,7 @@ def run(config: TrainConfig) -> TrainResult:
     tokenizer = load_tokenizer(model_path)
     encode_mod.ensure_chat_template(tokenizer)
 
-    unbounded = prepare_data(config, tokenizer, max_seq_length=None)
+    unbounded = prepare_data(config, tokenizer, None, records, spec)
     identity = run_identity(config, model_identity(model_path), unbounded.fingerprint)
     finished = finished_record(out, identity)
     if finished is not None:
@@ -202,7 +191,7 @@ def run(config: TrainConfig) -> TrainResult:
     the_plan = _plan(
         model_path, unbounded.stats.lengths, hardware, config, latest.metadata.get("plan") if latest else None
     )
-    prepared = prepare_data(config, tokenizer, max_seq_length=the_plan.max_seq_length)
+    prepared = prepare_data(config, tokenizer, the_plan.max_seq_length, records, spec)
 
     seed_everything(config.seed)
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
