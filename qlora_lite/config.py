@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from qlora_lite.errors import UserError
 
 PLANNER_KNOBS = (
     "quantization",

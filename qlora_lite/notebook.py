@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .durable import DRIVE_ROOT, DRIVE_ROOT_ENV, default_durable_root
-from .errors import UserError
-from .hardware import HardwareProfile, detect, detect_environment
+from qlora_lite.checkpoint.durable import DRIVE_ROOT, DRIVE_ROOT_ENV, default_durable_root
+from qlora_lite.errors import UserError
+from qlora_lite.planner.hardware import HardwareProfile, detect, detect_environment
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def hub_token() -> str | None:
     background uploads see it too (they cannot read Colab secrets). The token is never logged.
     """
     try:
-        from .hub import resolve_token
+        from qlora_lite.hub.client import resolve_token
     except ImportError:  # an older build without the Hub module
         resolve_token = None
     if resolve_token is not None:
@@ -238,7 +238,7 @@ def resolve_data(
     A URL is downloaded once into `download_dir`. A path or URL that does not exist raises UserError.
     """
     if data is None or (isinstance(data, str) and data.strip().lower() == "demo"):
-        from .demo_task import make_dataset, prompt_for
+        from qlora_lite.demo.task import make_dataset, prompt_for
 
         train, held_out = make_dataset(n_train=n_train or 480, n_eval=n_held_out)
         return NotebookData(
@@ -271,7 +271,7 @@ def resolve_data(
 
 
 def _load(source: Any) -> list[dict]:
-    from .data import load_records
+    from qlora_lite.data.formats import load_records
 
     return load_records(source)
 
@@ -304,7 +304,7 @@ def download(url: str, folder: str | os.PathLike, timeout: float = 60) -> Path:
 
 def sample_prompts(records: Sequence[dict], n: int = 1) -> list[Any]:
     """Prompts from the first `n` records: each conversation up to (not including) its last answer."""
-    from .data import detect_format, to_conversations
+    from qlora_lite.data.formats import detect_format, to_conversations
 
     head = list(records[:n])
     if not head:
@@ -328,9 +328,9 @@ def sample_prompts(records: Sequence[dict], n: int = 1) -> list[Any]:
 
 def plan_for(model: str, data: Any, hardware: Any = None, **settings: Any):
     """The plan `train(model, data, ..., **settings)` will use, before loading a weight."""
-    from .config import PLANNER_KNOBS
-    from .encode import token_lengths
-    from .plan import plan
+    from qlora_lite.config import PLANNER_KNOBS
+    from qlora_lite.data.encoding import token_lengths
+    from qlora_lite.planner.planning import plan
 
     knobs = {k: v for k, v in settings.items() if k in PLANNER_KNOBS or k == "max_memory"}
     return plan(model, data=token_lengths(data, model), hardware=hardware, **knobs)
@@ -341,7 +341,7 @@ def plan_for(model: str, data: Any, hardware: Any = None, **settings: Any):
 
 def show_loss_curve(run_dir: str | os.PathLike) -> Path | None:
     """Show the run's loss plot in the notebook (and return its path); None when the run has none."""
-    from .record import LOSS_PLOT
+    from qlora_lite.training.record import LOSS_PLOT
 
     path = Path(run_dir) / LOSS_PLOT
     if not path.is_file():
@@ -357,7 +357,7 @@ def show_loss_curve(run_dir: str | os.PathLike) -> Path | None:
 
 def loss_table(run_dir: str | os.PathLike, every: int = 1) -> list[dict]:
     """The step log of a run: one row per optimizer step ({"step", "loss", ...}), eval rows merged in."""
-    from .record import STEP_LOG
+    from qlora_lite.training.record import STEP_LOG
 
     path = Path(run_dir) / STEP_LOG
     if not path.is_file():
@@ -370,7 +370,7 @@ def before_after(
     run_dir: str | os.PathLike, prompts: Sequence[Any], max_new_tokens: int = 64
 ) -> list[dict[str, Any]]:
     """Answers of the base model (adapter switched off) and of the trained adapter, from one model load."""
-    from .generate import Generator
+    from qlora_lite.inference.generation import Generator
 
     generator = Generator(run_dir)
     prompts = list(prompts)
@@ -409,6 +409,6 @@ def run_name(output_dir: str | os.PathLike) -> str:
 
 def is_finished(output_dir: str | os.PathLike) -> bool:
     """True when `output_dir` holds a finished run (its run record is written last)."""
-    from .record import RUN_RECORD
+    from qlora_lite.training.record import RUN_RECORD
 
     return (Path(output_dir).expanduser() / RUN_RECORD).is_file()

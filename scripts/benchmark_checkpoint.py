@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import qlora_lite
-from qlora_lite.demo_task import make_dataset
+from qlora_lite.demo.task import make_dataset
 
 
 def run(model: str, rows: list[dict], out: Path, **settings) -> dict:

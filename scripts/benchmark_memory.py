@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from qlora_lite.memory import estimate_memory  # noqa: E402
+from qlora_lite.planner.memory import estimate_memory  # noqa: E402
 
 MIB = 1024**2
 GIB = 1024**3
@@ -95,8 +95,8 @@ def build_qwen2_like(folder: Path) -> Path:
 
 def measure_step(path: str, *, micro_batch_size: int, seq_len: int, gradient_checkpointing: bool) -> dict:
     """Tracked peak of the second of two QLoRA steps (4-bit NF4 + double quant, fp32 compute, LoRA r16)."""
-    from qlora_lite.model import LoraSettings, attach_lora, load_base_model
-    from qlora_lite.peak import track_peak
+    from qlora_lite.model.loading import LoraSettings, attach_lora, load_base_model
+    from qlora_lite.planner.peak import track_peak
 
     model = load_base_model(
         path, quantization="nf4", double_quant=True, compute_dtype="fp32", accelerator="cpu"
@@ -140,7 +140,7 @@ def cpu_rows(models: dict[str, str], quick: bool) -> list[dict]:
 
 
 def budget_rows(path: str, budgets_mib: list[int]) -> list[dict]:
-    from qlora_lite.plan import plan
+    from qlora_lite.planner.planning import plan
 
     rows = []
     for budget_mib in budgets_mib:
@@ -200,7 +200,7 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "memory.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    from qlora_lite.demo_model import ensure_demo_model
+    from qlora_lite.demo.model import ensure_demo_model
 
     cache = Path(os.environ.get("QLORA_LITE_CACHE", Path.home() / ".cache" / "qlora_lite"))
     models = {

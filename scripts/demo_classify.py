@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_lite.cli import setup_logging  # noqa: E402
-from qlora_lite.demo_classify import format_classify_summary, run_classify_demo  # noqa: E402
+from qlora_lite.cli.main import setup_logging  # noqa: E402
+from qlora_lite.demo.classify import format_classify_summary, run_classify_demo  # noqa: E402
 from qlora_lite.errors import UserError  # noqa: E402
 
 

@@ -58,7 +58,7 @@ CASES = (
 
 def predict(case: Case, compute_dtype: str) -> dict:
     """The estimate for a case, as allocated bytes (the CUDA context is not in max_memory_allocated)."""
-    from qlora_lite.memory import estimate_memory
+    from qlora_lite.planner.memory import estimate_memory
 
     est = estimate_memory(
         CONFIGS[case.model], quantization="nf4", double_quant=True, compute_dtype=compute_dtype,
@@ -92,8 +92,8 @@ def build_model(name: str, folder: Path) -> Path:
 def measure(case: Case, path: Path, compute_dtype: str, steps: int = 3) -> dict:
     import torch
 
-    from qlora_lite.model import LoraSettings, attach_lora, load_base_model, torch_dtype
-    from qlora_lite.peak import track_peak
+    from qlora_lite.model.loading import LoraSettings, attach_lora, load_base_model, torch_dtype
+    from qlora_lite.planner.peak import track_peak
 
     model = load_base_model(str(path), quantization="nf4", double_quant=True, compute_dtype=compute_dtype,
                             accelerator="cuda")  # fmt: skip

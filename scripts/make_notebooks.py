@@ -206,7 +206,7 @@ def python_api() -> nbformat.NotebookNode:
         ),
         code(
             """
-            from qlora_lite.hardware import describe
+            from qlora_lite.planner.hardware import describe
 
             hw = qlora_lite.detect()
             for name, value in describe(hw):
@@ -249,7 +249,7 @@ def python_api() -> nbformat.NotebookNode:
             import json
             import os
 
-            from qlora_lite import demo_task
+            from qlora_lite.demo import task as demo_task
 
             train_rows, held_out = demo_task.make_dataset(n_train=notebook.pick(480, 16), n_eval=notebook.pick(16, 2))
             os.makedirs("data", exist_ok=True)
@@ -357,7 +357,7 @@ def python_api() -> nbformat.NotebookNode:
             elif notebook.hub_token() is None:
                 print("skipping the push: no Hugging Face token; add the Colab secret HF_TOKEN (key icon) or set HF_TOKEN")
             else:
-                from qlora_lite import hub
+                from qlora_lite.hub import client as hub
 
                 with notebook.friendly_errors():
                     print(hub.push(result.output_dir, HUB_REPO))
@@ -448,13 +448,13 @@ def resume() -> nbformat.NotebookNode:
         md(
             """
             ## List runs and checkpoints
-            `qlora_lite.runs.list_runs(folder)` (or `qlora-lite runs FOLDER` in a terminal) shows each run with its
+            `qlora_lite.checkpoint.runs.list_runs(folder)` (or `qlora-lite runs FOLDER` in a terminal) shows each run with its
             newest checkpoint that verifies. It works on a Drive folder too, after the VM is gone.
             """
         ),
         code(
             """
-            from qlora_lite.runs import format_runs, list_runs
+            from qlora_lite.checkpoint.runs import format_runs, list_runs
 
             print(format_runs(list_runs("runs")))
             if setup.checkpoint_dir and not setup.checkpoint_dir.startswith("hf://"):

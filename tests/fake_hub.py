@@ -1,4 +1,4 @@
-"""A recording stand-in for the Hugging Face Hub behind `qlora_lite.hub.HubClient`.
+"""A recording stand-in for the Hugging Face Hub behind `qlora_lite.hub.client.HubClient`.
 
 Repos live in a local folder: `<root>/repos/<namespace>/<name>/<branch>/<files>` plus `meta.json`
 (owner, visibility, branches, commits). Commits are atomic (the branch folder is swapped whole).
@@ -21,7 +21,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from huggingface_hub.errors import LocalTokenNotFoundError
 from huggingface_hub.utils import hf_raise_for_status
 
-from qlora_lite.hub import RemoteFile
+from qlora_lite.hub.client import RemoteFile
 
 ENDPOINT = "https://hub.example"
 LFS_MIN_SIZE = 1000  # files at least this big report an LFS sha256, as large files do on the Hub

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_lite.checkpoint import (
+from qlora_lite.checkpoint.store import (
     CheckpointInfo,
     CheckpointStore,
     CorruptCheckpointError,
@@ -26,8 +26,8 @@ from qlora_lite.checkpoint import (
     SkippedCheckpoint,
     default_durable_root,
 )
-from qlora_lite.checkpoint_manifest import FORMAT_VERSION, MANIFEST, verify_checkpoint
-from qlora_lite.durable import copy_file_fsync
+from qlora_lite.checkpoint.manifest import FORMAT_VERSION, MANIFEST, verify_checkpoint
+from qlora_lite.checkpoint.durable import copy_file_fsync
 from qlora_lite.errors import UserError
 
 
@@ -327,7 +327,7 @@ import hashlib, sys, types
 from pathlib import Path
 # Load the store without the package __init__ (which imports torch): ~0.1 s instead of seconds per start.
 pkg = types.ModuleType("qlora_lite"); pkg.__path__ = [sys.argv[1]]; sys.modules["qlora_lite"] = pkg
-from qlora_lite.checkpoint import CheckpointStore
+from qlora_lite.checkpoint.store import CheckpointStore
 
 def payload(step, index, size):
     block = hashlib.sha256(f"{step}-{index}".encode()).digest()

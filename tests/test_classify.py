@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_lite import classify_cli
-from qlora_lite.classify import ClassifierStepRunner, train_classifier
-from qlora_lite.classify_data import ClassifierExample, LabelMapping, stratified_split
-from qlora_lite.classify_predict import classify, load_classifier
+from qlora_lite.cli import classify as classify_cli
+from qlora_lite.training.classifier import ClassifierStepRunner, train_classifier
+from qlora_lite.data.labels import ClassifierExample, LabelMapping, stratified_split
+from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.errors import UserError
-from qlora_lite.loop import LoopState
+from qlora_lite.training.loop import LoopState
 
 WORDS = {"pos": ["love", "enjoy", "adore"], "neg": ["hate", "dislike", "loathe"], "neutral": ["saw", "met"]}
 ROWS = [
@@ -331,7 +331,7 @@ def test_step_loss_is_independent_of_the_micro_batch_split_and_survives_oom(weig
 
 
 def test_demo_dataset_holds_out_unseen_phrasings():
-    from qlora_lite.demo_classify import HELD_OUT_TEMPLATES, INTENTS, make_intent_dataset
+    from qlora_lite.demo.classify import HELD_OUT_TEMPLATES, INTENTS, make_intent_dataset
 
     train, held = make_intent_dataset()
     assert make_intent_dataset() == (train, held)  # seeded
@@ -348,7 +348,7 @@ def test_demo_dataset_holds_out_unseen_phrasings():
 @pytest.mark.slow
 def test_classify_demo_beats_the_majority_baseline(tmp_path):
     """MiniLM on the intent demo: ~20 s training on one CPU thread."""
-    from qlora_lite.demo_classify import minilm_path, run_classify_demo
+    from qlora_lite.demo.classify import minilm_path, run_classify_demo
 
     try:
         minilm_path()

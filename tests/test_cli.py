@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from qlora_lite.cli import main
+from qlora_lite.cli.main import main
 
 ROWS = [{"instruction": f"Say {i}", "output": f"The number is {i}."} for i in range(16)]
 FAST_FLAGS = [

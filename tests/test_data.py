@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from qlora_lite.data import (
+from qlora_lite.data.formats import (
     FormatSpec,
     detect_format,
     fingerprint,
@@ -262,7 +262,7 @@ def test_fingerprint_stable_and_sensitive():
 
 def test_fingerprint_is_the_same_in_another_process():
     code = (
-        "from qlora_lite.data import detect_format, fingerprint; import json, sys; "
+        "from qlora_lite.data.formats import detect_format, fingerprint; import json, sys; "
         "rows = json.loads(sys.argv[1]); print(fingerprint(rows, detect_format(rows)))"
     )
     out = subprocess.run(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qlora_lite.demo import run_demo
-from qlora_lite.demo_task import is_correct, make_dataset
+from qlora_lite.demo.run import run_demo
+from qlora_lite.demo.task import is_correct, make_dataset
 
 
 def test_demo_task_is_held_out_and_checked_exactly():

@@ -9,7 +9,7 @@ import os
 import pytest
 from tokenizers_util import build_tiny_tokenizer, load_demo_tokenizer
 
-from qlora_lite.encode import (
+from qlora_lite.data.encoding import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
     encode_conversation,
@@ -175,7 +175,7 @@ def test_truncation_counted_and_dropped(tiny_tok, caplog):
     conversations = [PAIR, long_prompt, long_answer]
     full = [encode_conversation(c, tiny_tok, None)[1] for c in conversations]
     assert full[0] < 40 < min(full[1:])
-    with caplog.at_level(logging.WARNING, logger="qlora_lite.encode"):
+    with caplog.at_level(logging.WARNING, logger="qlora_lite.data.encoding"):
         examples, stats = encode_dataset(conversations, tiny_tok, max_seq_length=40)
     assert stats.lengths == full
     assert (stats.n_examples, stats.n_truncated, stats.n_dropped) == (2, 2, 1)

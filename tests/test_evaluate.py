@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from qlora_lite.evaluate import (
+from qlora_lite.training.evaluation import (
     classification_metrics,
     contains_match,
     exact_match,

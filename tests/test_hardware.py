@@ -1,4 +1,4 @@
-from qlora_lite.hardware import GpuInfo, HardwareProfile, detect, detect_environment, format_bytes
+from qlora_lite.planner.hardware import GpuInfo, HardwareProfile, detect, detect_environment, format_bytes
 
 
 def test_environment_from_variables_a_subprocess_also_sees():

@@ -1,6 +1,6 @@
 """Hub: push with a model card, token handling, Hub checkpoints and resume, load back by id.
 
-The network boundary (`qlora_lite.hub.make_client` -> HubClient) is replaced by tests/fake_hub.py, a fake
+The network boundary (`qlora_lite.hub.client.make_client` -> HubClient) is replaced by tests/fake_hub.py, a fake
 that keeps repos in a local folder and raises huggingface_hub's own error types; everything above it
 runs for real. The run folder is written by hand (no training).
 """
@@ -22,11 +22,11 @@ from fake_hub import FakeHub, FakeHubClient, http_error
 from huggingface_hub import ModelCard
 from safetensors.numpy import save_file
 
-from qlora_lite import hub
-from qlora_lite.checkpoint import CheckpointStore
+from qlora_lite.hub import client as hub
+from qlora_lite.checkpoint.store import CheckpointStore
 from qlora_lite.errors import UserError
-from qlora_lite.hub_backend import HubBackend, backend_from_spec
-from qlora_lite.hub_cli import add_push_parser, run_push
+from qlora_lite.hub.checkpoints import HubBackend, backend_from_spec
+from qlora_lite.cli.hub import add_push_parser, run_push
 
 TOKEN = "hf_TestSecretToken0123456789abcdefXYZ"
 READ_TOKEN = "hf_ReadOnlyToken0123456789abcdefXYZ"
@@ -477,7 +477,7 @@ def test_cli_push(fake, run, capsys):
 
 
 def test_cli_main_exits_2_on_push_mistakes(fake, run, capsys):
-    from qlora_lite import cli
+    from qlora_lite.cli import main as cli
 
     assert cli.main(["push", str(run), "bob/x"]) == 2
     assert "not yours" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """train() with the Hub: checkpoints to `hf://`, resume on a fresh machine from them, push when done.
 
-Only the network boundary (qlora_lite.hub.make_client) is replaced, by the recording fake of fake_hub.py.
+Only the network boundary (qlora_lite.hub.client.make_client) is replaced, by the recording fake of fake_hub.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import qlora_lite
-from qlora_lite import hub
+from qlora_lite.hub import client as hub
 
 TOKEN = "hf_TrainTestToken0123456789abcdefQRS"
 ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(20)]

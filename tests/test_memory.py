@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlora_lite.errors import UserError
-from qlora_lite.memory import count_parameters, estimate_memory, model_shape
+from qlora_lite.planner.memory import count_parameters, estimate_memory, model_shape
 
 LLAMA2_7B = dict(
     model_type="llama",
@@ -145,8 +145,8 @@ def _tiny_llama(tmp_path):
 def test_estimate_within_25_percent_of_a_real_4bit_cpu_step(tmp_path, checkpointing):
     import torch
 
-    from qlora_lite.model import LoraSettings, attach_lora, load_base_model
-    from qlora_lite.peak import track_peak
+    from qlora_lite.model.loading import LoraSettings, attach_lora, load_base_model
+    from qlora_lite.planner.peak import track_peak
 
     path = _tiny_llama(tmp_path)
     model = load_base_model(str(path), quantization="nf4", compute_dtype="fp32", accelerator="cpu")

@@ -21,7 +21,7 @@ import pytest
 
 from qlora_lite import notebook
 from qlora_lite.errors import UserError
-from qlora_lite.hardware import GpuInfo, HardwareProfile
+from qlora_lite.planner.hardware import GpuInfo, HardwareProfile
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lite.peak import live_bytes, track_peak
+from qlora_lite.planner.peak import live_bytes, track_peak
 
 MIB = 1 << 20
 

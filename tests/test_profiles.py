@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_lite.errors import UserError
-from qlora_lite.profiles import KNOWN_PROFILES, get_profile, parse_size, profile_with_budget
+from qlora_lite.planner.profiles import KNOWN_PROFILES, get_profile, parse_size, profile_with_budget
 
 GIB = 1024**3
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_lite.checkpoint import CheckpointStore
+from qlora_lite.checkpoint.store import CheckpointStore
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}, yes."} for i in range(48)]
@@ -170,7 +170,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_kept(tiny_model, data_file, 
 
 
 def test_cli_resume_and_runs(tiny_model, data_file, reference, tmp_path, capsys):
-    from qlora_lite.cli import main
+    from qlora_lite.cli.main import main
 
     out = tmp_path / "runs" / "killed"
     settings = {**SETTINGS, "save_every_steps": 3}
@@ -269,7 +269,7 @@ def test_resume_on_a_smaller_machine_keeps_the_plan_and_re_splits_the_micro_batc
 ):
     """Only micro-batch/accumulation may change; effective batch, sequence length and the rest stay."""
     import qlora_lite
-    from qlora_lite.plan import plan
+    from qlora_lite.planner.planning import plan
 
     settings = {
         **SETTINGS,

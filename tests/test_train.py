@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import qlora_lite
 from qlora_lite.errors import UserError
-from qlora_lite.model import load_for_inference
+from qlora_lite.model.loading import load_for_inference
 
 INSTRUCTION_ROWS = [
     {"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(24)
@@ -261,7 +261,7 @@ def test_plan_is_shown_in_a_plain_script(tiny_model, tmp_path):
 
 
 def test_held_out_generations_before_and_after_match_separately_loaded_models(tiny_model, tmp_path):
-    from qlora_lite.generate import Generator
+    from qlora_lite.inference.generation import Generator
 
     result = qlora_lite.train(
         tiny_model,

@@ -69,7 +69,7 @@ def load_demo_tokenizer():
     import pytest
     from transformers import AutoTokenizer
 
-    from qlora_lite.demo_model import ensure_demo_model
+    from qlora_lite.demo.model import ensure_demo_model
     from qlora_lite.errors import UserError
 
     try:

@@ -1,0 +1,206 @@
+"""Training state <-> checkpoint files: what a checkpoint holds, when one is taken, and how a run resumes.
+
+A checkpoint is taken between optimizer steps, so the gradient-accumulation position is always 0 and the
+data position is the step count (each step's examples are a pure function of seed, step and data size).
+Restoring adapter, optimizer, scheduler, RNG and loop state therefore continues the run bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from qlora_lite.checkpoint.store import CheckpointInfo, CheckpointStore
+from qlora_lite.errors import UserError
+from qlora_lite.training.loop import LoopState
+from qlora_lite.training.record import library_versions
+
+log = logging.getLogger(__name__)
+
+ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP = (
+    "adapter.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng.pt",
+    "loop.json",
+)
+# The settings that define a run: a checkpoint made with other values belongs to another run.
+IDENTITY_SETTINGS = (
+    "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format",
+)  # fmt: skip
+
+
+def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, Any]:
+    """What must match for a checkpoint to continue this run (paths may differ between machines)."""
+    return {
+        "base_model": {
+            "config_sha256": base_model.get("config_sha256"),
+            "revision": base_model.get("revision"),
+        },
+        "data_fingerprint": data_fingerprint,
+        "settings": {name: getattr(config, name) for name in IDENTITY_SETTINGS},
+    }
+
+
+def trainable_signature(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _differences(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+        return out
+    return [] if saved == current else [f"{path}: {_short(saved)} in the checkpoint, {_short(current)} now"]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:16] + "..." + text[-8:]
+
+
+def check_same_run(info: CheckpointInfo, identity: dict, *, force: bool) -> None:
+    """Refuse a checkpoint of another run (other data, model or settings) unless forced."""
+    saved = info.metadata.get("identity", {})
+    diffs = _differences(saved, identity)
+    if not diffs:
+        return
+    if force:
+        log.warning("resuming %s although it differs from this run (forced): %s", info.path, "; ".join(diffs))
+        return
+    raise UserError(
+        f"{info.path} belongs to a different run ({'; '.join(diffs[:3])}): pass overwrite=True (--overwrite) "
+        "to start fresh, resume='force' (--resume force) to continue anyway, or choose another output folder"
+    )
+
+
+def check_same_parameters(info: CheckpointInfo, model: torch.nn.Module) -> None:
+    """Even a forced resume cannot load LoRA matrices of other names or shapes."""
+    saved = info.metadata.get("trainable_parameters", {})
+    current = trainable_signature(model)
+    if saved != current:
+        diffs = _differences(saved, current)
+        raise UserError(
+            f"{info.path}: its trainable parameters differ from this model's ({len(diffs)} differences, e.g. "
+            f"{diffs[0] if diffs else 'none'}): the LoRA rank or target modules changed; use the checkpoint's "
+            "settings or pass overwrite=True (--overwrite) to start fresh"
+        )
+
+
+def capture_rng() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.random.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _torch_load(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class Checkpointer:
+    """Takes checkpoints of a training run on a time (and optionally step) interval."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        metadata: dict[str, Any],
+        every_seconds: float,
+        every_steps: int | None = None,
+    ) -> None:
+        self.store, self.model, self.optimizer, self.scheduler = store, model, optimizer, scheduler
+        self.metadata = metadata
+        self.every_seconds, self.every_steps = every_seconds, every_steps
+        self.last_save = time.monotonic()
+        self.last_step: int | None = None
+        self.seconds_saving = 0.0
+        self.saves = 0
+
+    def due(self, state: LoopState) -> bool:
+        if self.every_steps and state.step % self.every_steps == 0:
+            return True
+        return time.monotonic() - self.last_save >= self.every_seconds
+
+    def save(self, state: LoopState) -> CheckpointInfo | None:
+        if state.step == self.last_step:
+            return None
+        started = time.monotonic()
+        trainable = {
+            n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        files = {
+            ADAPTER: save_safetensors(trainable),
+            OPTIMIZER: _torch_bytes(self.optimizer.state_dict()),
+            SCHEDULER: _torch_bytes(self.scheduler.state_dict()),
+            RNG: _torch_bytes(capture_rng()),
+            LOOP: json.dumps(asdict(state)).encode(),
+        }
+        metadata = {
+            **self.metadata,
+            "step": state.step,
+            "examples_seen": state.examples_seen,
+            "tokens_seen": state.tokens_seen,
+            "accumulation_position": 0,  # saved between optimizer steps, never inside an accumulation cycle
+            "trainable_parameters": trainable_signature(self.model),
+            "versions": library_versions(),
+        }
+        info = self.store.save(state.step, files, metadata)
+        self.last_save = time.monotonic()
+        self.last_step = state.step
+        self.seconds_saving += self.last_save - started
+        self.saves += 1
+        return info
+
+
+def restore(store: CheckpointStore, info: CheckpointInfo, model, optimizer, scheduler) -> LoopState:
+    """Load everything a checkpoint holds into a freshly built model/optimizer/scheduler."""
+    params = dict(model.named_parameters())
+    adapter = load_safetensors(store.read(info, ADAPTER))
+    with torch.no_grad():
+        for name, tensor in adapter.items():
+            params[name].copy_(tensor.to(params[name].device))
+    try:
+        optimizer.load_state_dict(_torch_load(store.read(info, OPTIMIZER)))
+        scheduler.load_state_dict(_torch_load(store.read(info, SCHEDULER)))
+        restore_rng(_torch_load(store.read(info, RNG)))
+        loop = json.loads(store.read(info, LOOP))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"{info.path} could not be restored ({exc}); pass overwrite=True to start fresh"
+        ) from exc
+    log.info("resuming from %s (step %d, %s)", info.path, info.step, info.location)
+    return LoopState(**loop)

@@ -1,0 +1,1 @@
+"""Training data: read files, detect formats, encode with the chat template and loss masks, labels."""

@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: client, token, push with a model card, checkpoints on the Hub."""

@@ -1,0 +1,1 @@
+"""Use a trained run: generation, classification (adapters and the server join here)."""

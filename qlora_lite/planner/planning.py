@@ -1,0 +1,532 @@
+"""Choose every training knob so that the run fits in memory and runs as fast as it can: `plan(...)`.
+
+A pure function of (model config, data lengths, hardware profile, user overrides). Knobs the user fixes stay
+fixed; the planner fills the rest from `memory.estimate_memory` and explains each choice with numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qlora_lite.errors import UserError
+from qlora_lite.planner.hardware import HardwareProfile, format_bytes
+from qlora_lite.planner.memory import (
+    ATTENTION,
+    COMPUTE_DTYPES,
+    OPTIMIZER_STATE_BYTES,
+    QUANTIZATIONS,
+    TASKS,
+    ModelShape,
+    count_parameters,
+    estimate_memory,
+    model_shape,
+)
+
+DEFAULT_EFFECTIVE_BATCH = 16
+DEFAULT_SEQ_LEN = 512
+MAX_CHECKPOINT_INTERVAL_S = 600
+# Fraction of usable memory a plan may fill: the allocator fragments on CUDA; the estimate is +-5% on CPU.
+HEADROOM = {"cuda": 0.95, "cpu": 0.90, "mps": 0.85}
+_ROUND_LENGTHS = (
+    64,
+    128,
+    192,
+    256,
+    384,
+    512,
+    768,
+    1024,
+    1536,
+    2048,
+    3072,
+    4096,
+    6144,
+    8192,
+    12288,
+    16384,
+    32768,
+)
+# Effective LoRA training FLOP/s (crude; 4-bit dequantization included): by compute capability, and per CPU core.
+_GPU_FLOPS = {(7, 0): 25e12, (7, 5): 12e12, (8, 0): 90e12, (8, 6): 30e12, (8, 9): 45e12, (9, 0): 180e12}
+_CPU_FLOPS_PER_CORE = 4.5e10
+_DISK_BYTES_PER_S = {"colab": 40e6, "kaggle": 100e6, "local": 300e6}
+
+KNOBS = {
+    "quantization": QUANTIZATIONS,
+    "double_quant": (True, False),
+    "compute_dtype": tuple(COMPUTE_DTYPES),
+    "micro_batch_size": int,
+    "gradient_accumulation_steps": int,
+    "effective_batch_size": int,
+    "max_seq_length": int,
+    "gradient_checkpointing": (True, False),
+    "optimizer": tuple(OPTIMIZER_STATE_BYTES),
+    "attn_implementation": ATTENTION,
+    "lora_r": int,
+    "lora_target_modules": None,  # 'all-linear' or a list of names, checked against the model
+    "task": TASKS,
+    "max_memory": None,  # a size, checked by parse_size
+    "num_labels": int,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    hardware_name: str
+    accelerator: str
+    quantization: str
+    double_quant: bool
+    compute_dtype: str
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    effective_batch_size: int
+    max_seq_length: int
+    gradient_checkpointing: bool
+    optimizer: str
+    attn_implementation: str
+    lora_r: int
+    lora_target_modules: str | tuple[str, ...]
+    task: str
+    checkpoint_every_seconds: int
+    peak_memory_bytes: int
+    usable_memory_bytes: int
+    breakdown: dict[str, int]
+    fits: bool
+    truncated_examples: int = 0
+    num_examples: int | None = None
+    estimated_step_seconds: float = 0.0
+    reasons: dict[str, str] = field(default_factory=dict)
+    fixed: tuple[str, ...] = ()
+    nearest_fit: dict[str, Any] | None = None
+    message: str = ""
+    num_labels: int | None = None
+    shape: ModelShape | None = field(default=None, repr=False, compare=False)
+
+    def _estimate(self, **changes: Any):
+        knobs = {**self._estimate_knobs(), **changes}
+        return estimate_memory(self.shape, **knobs)
+
+    def _estimate_knobs(self) -> dict[str, Any]:
+        return dict(
+            quantization=self.quantization,
+            double_quant=self.double_quant,
+            compute_dtype=self.compute_dtype,
+            micro_batch_size=self.micro_batch_size,
+            seq_len=self.max_seq_length,
+            gradient_checkpointing=self.gradient_checkpointing,
+            optimizer=self.optimizer,
+            lora_r=self.lora_r,
+            lora_target_modules=self.lora_target_modules,
+            attn_implementation=self.attn_implementation,
+            device="cuda" if self.accelerator == "cuda" else "cpu",
+            task=self.task,
+            num_labels=self.num_labels,
+        )
+
+    def with_micro_batch(self, n: int) -> Plan:
+        """The same plan at micro-batch `n` (OOM backoff): accumulation = ceil(effective / n)."""
+        if n < 1:
+            raise ValueError("micro-batch size must be >= 1")
+        estimate = self._estimate(micro_batch_size=n) if self.shape is not None else None
+        peak = estimate.peak_bytes if estimate else self.peak_memory_bytes
+        return replace(
+            self,
+            micro_batch_size=n,
+            gradient_accumulation_steps=math.ceil(self.effective_batch_size / n),
+            peak_memory_bytes=peak,
+            breakdown=dict(estimate.breakdown) if estimate else self.breakdown,
+            fits=peak <= self.usable_memory_bytes,
+            reasons={**self.reasons, "micro_batch_size": f"lowered to {n} after running out of memory"},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = (
+            "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
+            "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
+            "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
+            "estimated_step_seconds reasons fixed nearest_fit message accelerator"
+        ).split()
+        data = {key: getattr(self, key) for key in keys}
+        data["hardware"] = self.hardware_name
+        data["lora_target_modules"] = (
+            self.lora_target_modules
+            if isinstance(self.lora_target_modules, str)
+            else list(self.lora_target_modules)
+        )
+        data["fixed"] = list(self.fixed)
+        data["breakdown"] = dict(self.breakdown)
+        return data
+
+    def explain(self) -> str:
+        """A table: each knob, its value, and why (with numbers); then the memory breakdown."""
+        status = "fits" if self.fits else "DOES NOT FIT"
+        lines = [
+            f"plan for {self.hardware_name} ({self.accelerator}): peak {format_bytes(self.peak_memory_bytes)} "
+            f"of {format_bytes(self.usable_memory_bytes)} usable -> {status}",
+        ]
+        if self.message:
+            lines.append(self.message)
+        rows = [
+            (
+                "quantization",
+                self.quantization
+                + (" + double quant" if self.double_quant and self.quantization == "nf4" else ""),
+            ),
+            ("compute_dtype", self.compute_dtype),
+            ("max_seq_length", str(self.max_seq_length)),
+            ("micro_batch_size", str(self.micro_batch_size)),
+            ("gradient_accumulation_steps", str(self.gradient_accumulation_steps)),
+            ("effective_batch_size", str(self.effective_batch_size)),
+            ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
+            ("optimizer", self.optimizer),
+            ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
+        ]
+        width = max(len(name) for name, _ in rows)
+        vwidth = max(len(value) for _, value in rows)
+        lines.append(f"{'knob':<{width}}  {'value':<{vwidth}}  why")
+        for name, value in rows:
+            why = self.reasons.get(name, "")
+            if name in self.fixed:
+                why = "fixed by you" + (f"; {why}" if why else "")
+            lines.append(f"{name:<{width}}  {value:<{vwidth}}  {why}")
+        lines.append("memory at the peak:")
+        for name, value in self.breakdown.items():
+            if value:
+                lines.append(f"  {name:<22} {format_bytes(value):>10}")
+        if self.nearest_fit:
+            lines.append(
+                "nearest plan that fits: " + ", ".join(f"{k}={v}" for k, v in self.nearest_fit.items())
+            )
+        return "\n".join(lines)
+
+
+def _validate(fixed: dict[str, Any]) -> None:
+    for key, value in fixed.items():
+        if key not in KNOBS:
+            raise UserError(f"unknown planning knob {key!r}: known knobs are {', '.join(KNOBS)}")
+        allowed = KNOBS[key]
+        if allowed is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{key} must be a positive integer, got {value!r}")
+        elif isinstance(allowed, tuple) and value not in allowed:
+            raise UserError(f"{key} {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _hardware(hardware: HardwareProfile | str | None, max_memory: Any) -> HardwareProfile:
+    from qlora_lite.planner.profiles import get_profile, profile_with_budget
+
+    if hardware is None:
+        from qlora_lite.planner.hardware import detect
+
+        hardware = detect()
+    elif isinstance(hardware, str):
+        hardware = get_profile(hardware)
+    if max_memory is not None:
+        hardware = profile_with_budget(max_memory, hardware)
+    return hardware
+
+
+def choose_seq_len(lengths: Sequence[int] | None, limit: int | None) -> tuple[int, int, str]:
+    """(max_seq_length, examples truncated, why): the smallest round length covering >= 99% of examples."""
+    limit = int(limit) if limit else None
+    if not lengths:
+        value = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+        return value, 0, f"{value}: no data given (default)"
+    ordered = sorted(int(n) for n in lengths)
+    need = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    value = next((r for r in _ROUND_LENGTHS if r >= need), _ROUND_LENGTHS[-1])
+    if limit and value > limit:
+        value = limit
+    truncated = sum(1 for n in ordered if n > value)
+    why = (
+        f"covers {len(ordered) - truncated} of {len(ordered)} examples (longest {ordered[-1]}, "
+        f"99th percentile {need} tokens); {truncated} truncated"
+    )
+    if limit and value == limit:
+        why += f"; the model's limit is {limit}"
+    return value, truncated, why
+
+
+def _step_seconds(shape: ModelShape, hw: HardwareProfile, tokens: int, gc: bool, task: str) -> float:
+    params = count_parameters(shape, task=task)["total"]
+    flops = (6 if gc else 4) * params * tokens  # forward 2N + backward 2N (input grads only) [+ recompute 2N]
+    if hw.accelerator == "cuda" and hw.gpus:
+        rate = _GPU_FLOPS.get(tuple(hw.gpus[0].compute_capability), 40e12) * len(hw.gpus)
+    else:
+        rate = _CPU_FLOPS_PER_CORE * max(1, hw.cpu_count)
+    return flops / rate
+
+
+def _checkpoint_interval(step_s: float, state_bytes: int, hw: HardwareProfile) -> tuple[int, str]:
+    speed = _DISK_BYTES_PER_S.get(hw.environment, 300e6)
+    cost = 1.0 + state_bytes / speed
+    interval = int(min(MAX_CHECKPOINT_INTERVAL_S, max(60.0, 50 * cost, step_s)))
+    why = (
+        f"a save (adapter + optimizer, {format_bytes(state_bytes)}) costs ~{cost:.1f} s, one step ~{step_s:.1f} s: "
+        f"saving every {interval} s keeps saving under 2% of the time and loses at most "
+        f"{min(interval, MAX_CHECKPOINT_INTERVAL_S) / 60:.0f} min"
+    )
+    return interval, why
+
+
+def _speed(mb: int, seq: int, gc: bool, accelerator: str) -> float:
+    """Relative tokens/s: bigger micro-batches use the device better; checkpointing costs ~30%."""
+    saturation = 2048 if accelerator == "cuda" else 128
+    tokens = mb * seq
+    return tokens / (tokens + saturation) * (0.7 if gc else 1.0)
+
+
+def plan(
+    model: Any, data: Sequence[int] | None = None, hardware: HardwareProfile | str | None = None, **fixed: Any
+) -> Plan:
+    """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine)."""
+    _validate(fixed)
+    shape = (
+        model
+        if isinstance(model, ModelShape)
+        else model_shape(os.fspath(model) if isinstance(model, os.PathLike) else model)
+    )
+    hw = _hardware(hardware, fixed.get("max_memory"))
+    device = "cuda" if hw.accelerator == "cuda" else "cpu"
+    usable = hw.usable_memory_bytes
+    target = int(usable * HEADROOM.get(hw.accelerator, 0.9))
+    reasons: dict[str, str] = {}
+    task = fixed.get("task", "causal_lm")
+
+    quantization = fixed.get("quantization", "nf4")
+    reasons["quantization"] = (
+        "QLoRA: 4-bit NF4 base weights (0.5 byte/param)" if quantization == "nf4" else ""
+    )
+    if "compute_dtype" in fixed:
+        dtype = fixed["compute_dtype"]
+    elif hw.accelerator == "cuda":
+        dtype = "bf16" if hw.native_bf16 else "fp16"
+        cc = hw.gpus[0].compute_capability if hw.gpus else (0, 0)
+        reasons["compute_dtype"] = (
+            f"compute capability {cc[0]}.{cc[1]} has native bf16"
+            if dtype == "bf16"
+            else f"compute capability {cc[0]}.{cc[1]} < 8.0 has no native bf16"
+        )
+    else:
+        dtype = "fp32"
+        reasons["compute_dtype"] = "on CPU fp32 is ~2x faster than bf16 (bitsandbytes dequantizes per matmul)"
+
+    if "max_seq_length" in fixed:
+        seq = fixed["max_seq_length"]
+        truncated = sum(1 for n in data if n > seq) if data else 0
+        reasons["max_seq_length"] = f"{truncated} of {len(data)} examples truncated" if data else ""
+    else:
+        seq, truncated, reasons["max_seq_length"] = choose_seq_len(data, shape.max_position_embeddings)
+
+    mb_fixed, ga_fixed = fixed.get("micro_batch_size"), fixed.get("gradient_accumulation_steps")
+    effective = fixed.get("effective_batch_size")
+    if mb_fixed and ga_fixed:
+        if effective and effective != mb_fixed * ga_fixed:
+            raise UserError(
+                f"effective batch {effective} != micro-batch {mb_fixed} x accumulation {ga_fixed}: fix at most two"
+            )
+        effective = mb_fixed * ga_fixed
+    effective = effective or (mb_fixed * ga_fixed if mb_fixed and ga_fixed else DEFAULT_EFFECTIVE_BATCH)
+
+    base = dict(
+        quantization=quantization,
+        double_quant=fixed.get("double_quant", True),
+        compute_dtype=dtype,
+        lora_r=fixed.get("lora_r", 16),
+        lora_target_modules=fixed.get("lora_target_modules", "all-linear"),
+        attn_implementation=fixed.get("attn_implementation", "sdpa"),
+        device=device,
+        task=task,
+        num_labels=fixed.get("num_labels"),
+    )
+
+    def micro_batches(free_all: bool) -> list[int]:
+        if mb_fixed and not free_all:
+            return [mb_fixed]
+        top = effective
+        if ga_fixed and not free_all:
+            top = max(1, effective // ga_fixed)
+        # Every size, not just powers of two: the loop runs a step's examples as micro-batches of any size
+        # (e.g. 8 as 3+3+2) with the same update, so the largest size that fits can be used.
+        return list(range(1, top + 1))
+
+    def search(free_all: bool, seq_len: int) -> tuple[dict, Any] | None:
+        gcs = (
+            [fixed["gradient_checkpointing"]]
+            if "gradient_checkpointing" in fixed and not free_all
+            else [False, True]
+        )
+        if "optimizer" in fixed and not free_all:
+            optimizers = [fixed["optimizer"]]
+        else:
+            optimizers = ["adamw_torch"] + (["paged_adamw_8bit"] if device == "cuda" else [])
+        best = None
+        for opt in optimizers:
+            for gc in gcs:
+                for mb in micro_batches(free_all):
+                    est = estimate_memory(
+                        shape,
+                        **base,
+                        micro_batch_size=mb,
+                        seq_len=seq_len,
+                        gradient_checkpointing=gc,
+                        optimizer=opt,
+                    )
+                    if est.peak_bytes > target:
+                        continue
+                    score = (_speed(mb, seq_len, gc, device), opt == "adamw_torch", -est.peak_bytes)
+                    if best is None or score > best[0]:
+                        best = (
+                            score,
+                            dict(micro_batch_size=mb, gradient_checkpointing=gc, optimizer=opt),
+                            est,
+                        )
+        return (best[1], best[2]) if best else None
+
+    found = search(False, seq)
+    nearest, message = None, ""
+    if found:
+        knobs, est = found
+    else:
+        knobs = dict(
+            micro_batch_size=mb_fixed or 1,
+            gradient_checkpointing=fixed.get("gradient_checkpointing", True),
+            optimizer=fixed.get("optimizer", "paged_adamw_8bit" if device == "cuda" else "adamw_torch"),
+        )
+        est = estimate_memory(shape, **base, seq_len=seq, **knobs)
+        nearest = _nearest(search, seq, effective)
+        smallest = estimate_memory(
+            shape,
+            **base,
+            micro_batch_size=1,
+            seq_len=seq,
+            gradient_checkpointing=True,
+            optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+        ).peak_bytes
+        message = (
+            f"does not fit: {format_bytes(est.peak_bytes)} needed, {format_bytes(target)} available "
+            f"({format_bytes(usable)} usable). The smallest configuration at max_seq_length {seq} "
+            f"(micro-batch 1, checkpointing on) needs {format_bytes(smallest / HEADROOM.get(hw.accelerator, 0.9))}"
+            f" of usable memory."
+        )
+    mb = knobs["micro_batch_size"]
+    accumulation = ga_fixed if ga_fixed and mb_fixed else math.ceil(effective / mb)
+    if effective % mb:
+        reasons["gradient_accumulation_steps"] = (
+            f"effective batch {effective} is not a multiple of micro-batch {mb}: each step still takes "
+            f"{effective} examples, as {accumulation} micro-batches ({mb} x {accumulation - 1} + {effective - mb * (accumulation - 1)})"
+        )
+    else:
+        reasons["gradient_accumulation_steps"] = (
+            f"{mb} x {accumulation} keeps the effective batch at {effective}"
+        )
+    if "effective_batch_size" in fixed:
+        reasons["effective_batch_size"] = ""  # explain() already says "fixed by you"
+    elif mb_fixed and ga_fixed:
+        reasons["effective_batch_size"] = f"your micro-batch {mb_fixed} x accumulation {ga_fixed}"
+    else:
+        reasons["effective_batch_size"] = f"default {effective}"
+    _explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effective)
+
+    step_s = _step_seconds(shape, hw, mb * accumulation * seq, knobs["gradient_checkpointing"], task)
+    state_bytes = est.breakdown["lora_params"] + est.breakdown["optimizer_states"]
+    interval, reasons["checkpoint_every_seconds"] = _checkpoint_interval(step_s, state_bytes, hw)
+    names = tuple(k for k in fixed if k != "max_memory")
+    return Plan(
+        hardware_name=hw.name,
+        accelerator=hw.accelerator,
+        quantization=quantization,
+        double_quant=base["double_quant"],
+        compute_dtype=dtype,
+        micro_batch_size=mb,
+        gradient_accumulation_steps=accumulation,
+        effective_batch_size=effective,
+        max_seq_length=seq,
+        gradient_checkpointing=knobs["gradient_checkpointing"],
+        optimizer=knobs["optimizer"],
+        attn_implementation=base["attn_implementation"],
+        lora_r=base["lora_r"],
+        lora_target_modules=base["lora_target_modules"]
+        if isinstance(base["lora_target_modules"], str)
+        else tuple(base["lora_target_modules"]),
+        task=task,
+        checkpoint_every_seconds=interval,
+        peak_memory_bytes=est.peak_bytes,
+        usable_memory_bytes=usable,
+        breakdown=dict(est.breakdown),
+        fits=found is not None,
+        truncated_examples=truncated,
+        num_examples=len(data) if data is not None else None,
+        estimated_step_seconds=round(step_s, 3),
+        reasons=reasons,
+        fixed=names,
+        nearest_fit=nearest,
+        message=message,
+        num_labels=base["num_labels"],
+        shape=shape,
+    )
+
+
+def _nearest(search, seq: int, effective: int) -> dict[str, Any] | None:
+    """Relax micro-batch, checkpointing and optimizer first; then shorten the sequence length."""
+    length = seq
+    while length >= 64:
+        found = search(True, length)
+        if found:
+            knobs, est = found
+            return {
+                **knobs,
+                "gradient_accumulation_steps": math.ceil(effective / knobs["micro_batch_size"]),
+                "max_seq_length": length,
+                "peak_memory_bytes": est.peak_bytes,
+            }
+        length //= 2
+    return None
+
+
+def _explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effective) -> None:  # noqa: ANN001
+    gc, mb, opt = knobs["gradient_checkpointing"], knobs["micro_batch_size"], knobs["optimizer"]
+    peak = est.peak_bytes
+    other_gc = estimate_memory(
+        shape, **base, seq_len=seq, micro_batch_size=mb, gradient_checkpointing=not gc, optimizer=opt
+    )
+    of = f"of {format_bytes(target)} allowed ({format_bytes(usable)} usable)"
+    if peak > target:
+        reasons["gradient_checkpointing"] = (
+            f"{'on' if gc else 'off'}: {format_bytes(peak)} {of}; "
+            f"{'off' if gc else 'on'} would need {format_bytes(other_gc.peak_bytes)}"
+        )
+    elif gc:
+        reasons["gradient_checkpointing"] = (
+            f"on: {format_bytes(peak)} {of}; off would need {format_bytes(other_gc.peak_bytes)}"
+        )
+    else:
+        reasons["gradient_checkpointing"] = f"off (~30% faster): {format_bytes(peak)} {of} with it off"
+    bigger = mb + 1
+    if peak > target:
+        reasons["micro_batch_size"] = (
+            f"{mb} needs {format_bytes(peak)}, more than the {format_bytes(target)} allowed"
+        )
+    elif bigger <= effective:
+        more = estimate_memory(
+            shape, **base, seq_len=seq, micro_batch_size=bigger, gradient_checkpointing=gc, optimizer=opt
+        )
+        reasons["micro_batch_size"] = (
+            f"{mb} fits in {format_bytes(peak)}; {bigger} would need {format_bytes(more.peak_bytes)}"
+            if more.peak_bytes > target
+            else f"{mb}: fastest choice found ({format_bytes(peak)} {of})"
+        )
+    else:
+        reasons["micro_batch_size"] = f"{mb} = the effective batch {effective}: no accumulation needed"
+    if opt == "adamw_torch":
+        reasons["optimizer"] = (
+            f"AdamW fp32 states are small here ({format_bytes(est.breakdown['optimizer_states'])})"
+        )
+    else:
+        reasons["optimizer"] = (
+            f"{opt}: 2 bytes/param of state ({format_bytes(est.breakdown['optimizer_states'])})"
+        )

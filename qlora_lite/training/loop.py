@@ -1,0 +1,262 @@
+"""The training loop: a fixed data order per optimizer step, loss normalised over the whole step, and
+out-of-memory backoff that halves the micro-batch without changing what a step sees.
+
+Why a plain loop rather than the HF Trainer: every optimizer step is defined by the examples it consumes
+(a seeded permutation per epoch, cut into groups of `effective_batch_size`). Splitting a group into more,
+smaller micro-batches changes nothing the optimizer sees, because each micro-batch's loss is divided by the
+number of supervised tokens in the whole step. That makes OOM backoff and exact resume simple and exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from qlora_lite.data.encoding import Example
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+T = TypeVar("T")
+
+
+@dataclass
+class LoopState:
+    """Everything that says where training is; checkpoints save it, resume restores it."""
+
+    step: int = 0  # optimizer steps done
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    micro_batch_size: int = 1
+    oom_backoffs: int = 0
+    history: list[dict] = field(default_factory=list)  # one row per optimizer step
+    eval_history: list[dict] = field(default_factory=list)
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
+    order = list(range(n_examples))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def steps_per_epoch(n_examples: int, effective_batch_size: int) -> int:
+    return math.ceil(n_examples / effective_batch_size)
+
+
+def step_examples(step: int, n_examples: int, effective_batch_size: int, seed: int) -> list[int]:
+    """Indices of the examples optimizer step `step` (0-based) consumes; the last group of an epoch is short."""
+    per_epoch = steps_per_epoch(n_examples, effective_batch_size)
+    epoch, within = divmod(step, per_epoch)
+    order = epoch_order(n_examples, seed, epoch)
+    return order[within * effective_batch_size : (within + 1) * effective_batch_size]
+
+
+def split_micro_batches(
+    indices: Sequence[int], examples: Sequence[Example], micro_batch_size: int
+) -> list[list[int]]:
+    """Cut one step's examples into micro-batches of similar length (less padding); deterministic."""
+    by_length = sorted(indices, key=lambda i: (len(examples[i].input_ids), i))
+    return [by_length[i : i + micro_batch_size] for i in range(0, len(by_length), micro_batch_size)]
+
+
+def collate(
+    batch: Sequence[Example], pad_token_id: int, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of the micro-batch."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {
+        "input_ids": input_ids.to(device),
+        "labels": labels.to(device),
+        "attention_mask": attention_mask.to(device),
+    }
+
+
+def supervised_tokens(example: Example) -> int:
+    """Tokens that carry loss after the causal shift (the first position never has a target)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class OutOfMemoryAtMicroBatchOne(RuntimeError):
+    """Raised when a step does not fit even one example at a time."""
+
+
+@dataclass
+class StepRunner:
+    """Runs one optimizer step over a fixed set of examples, backing off on out-of-memory errors."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    examples: Sequence[Example]
+    pad_token_id: int
+    device: torch.device | str
+    max_grad_norm: float | None = 1.0
+    autocast_dtype: torch.dtype | None = None
+    grad_scaler: torch.amp.GradScaler | None = None
+    on_backoff: Callable[[int, int], None] | None = None  # (old, new) micro-batch size
+
+    def _forward_backward(self, indices: Sequence[int], micro_batch_size: int, denominator: int) -> float:
+        total = 0.0
+        for micro in split_micro_batches(indices, self.examples, micro_batch_size):
+            batch = collate([self.examples[i] for i in micro], self.pad_token_id, self.device)
+            num_items = torch.tensor(denominator, device=self.device)
+            with autocast(self.device, self.autocast_dtype):
+                # Sum of token losses / supervised tokens of the whole step: the split does not matter.
+                loss = self.model(**batch, num_items_in_batch=num_items).loss
+            (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+            total += float(loss.detach())
+        return total
+
+    def run(self, indices: Sequence[int], state: LoopState, *, apply: bool = True) -> float:
+        """Forward/backward all micro-batches of one step, then (if `apply`) one optimizer step.
+
+        On out-of-memory: drop the partial gradients, restore the RNG as it was at the start of the step,
+        halve the micro-batch (accumulation doubles implicitly) and redo the same step.
+        """
+        denominator = max(1, sum(supervised_tokens(self.examples[i]) for i in indices))
+        rng_state = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        while True:
+            try:
+                loss = self._forward_backward(indices, state.micro_batch_size, denominator)
+                break
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                del exc
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if state.micro_batch_size == 1:
+                    raise OutOfMemoryAtMicroBatchOne(
+                        "out of memory at micro-batch 1: lower --max-seq-length, turn on "
+                        "--gradient-checkpointing, or use --quantization nf4"
+                    ) from None
+                old = state.micro_batch_size
+                state.micro_batch_size = max(1, old // 2)
+                state.oom_backoffs += 1
+                log.warning(
+                    "out of memory at micro-batch %d: retrying this step at %d", old, state.micro_batch_size
+                )
+                if self.on_backoff:
+                    self.on_backoff(old, state.micro_batch_size)
+                torch.random.set_rng_state(rng_state)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
+        if not apply:
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.random.set_rng_state(rng_state)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            return loss
+        if self.grad_scaler:
+            self.grad_scaler.unscale_(self.optimizer)
+        if self.max_grad_norm:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if self.grad_scaler:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    pad_token_id: int,
+    device: torch.device | str,
+    micro_batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> float | None:
+    """Mean token loss on held-out examples (token-weighted, like training); halves its batch on OOM."""
+    if not examples:
+        return None
+    return eval_halving_batch_on_oom(
+        model,
+        micro_batch_size,
+        lambda size: _eval_pass(model, examples, pad_token_id, device, size, autocast_dtype),
+        "evaluation",
+    )
+
+
+def eval_halving_batch_on_oom(
+    model: torch.nn.Module, batch_size: int, run_pass: Callable[[int], T], what: str
+) -> T:
+    """Run `run_pass(batch_size)` in eval mode; on out-of-memory retry it at half the batch (down to 1)."""
+    was_training = model.training
+    model.eval()
+    try:
+        while True:
+            try:
+                return run_pass(batch_size)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                log.warning("out of memory during %s: retrying at batch %d", what, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` on the device, or nothing when `dtype` is None (fp32, CPU)."""
+    return torch.autocast(
+        device_type=torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None
+    )
+
+
+def _eval_pass(model, examples, pad_token_id, device, micro_batch_size, autocast_dtype) -> float | None:
+    total, count = 0.0, 0
+    for micro in split_micro_batches(range(len(examples)), examples, micro_batch_size):
+        batch = collate([examples[i] for i in micro], pad_token_id, device)
+        n = sum(supervised_tokens(examples[i]) for i in micro)
+        if n == 0:
+            continue
+        with autocast(device, autocast_dtype):
+            loss = model(**batch, num_items_in_batch=torch.tensor(n, device=device)).loss
+        total += float(loss) * n
+        count += n
+    return total / count if count else None
+
+
+class Throughput:
+    """Non-padding tokens per second over the run so far."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.tokens / elapsed if elapsed > 0 else 0.0
