@@ -9,20 +9,21 @@ print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
 
 from __future__ import annotations
 
-# Imported eagerly on purpose: `train`, `plan` and `generate` are both modules and functions, and the
-# function must win whatever imports the submodule later.
-from qlora_lite.training.classifier import train_classifier
-from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.data.formats import detect_format, load_records
-from qlora_lite.demo.run import run_demo
 from qlora_lite.demo.model import ensure_demo_model
+from qlora_lite.demo.run import run_demo
 from qlora_lite.errors import UserError
+from qlora_lite.hub.push import push, resolve_adapter
+from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.inference.generation import Generator, generate
 from qlora_lite.planner.hardware import HardwareProfile, detect
-from qlora_lite.hub.client import push, resolve_adapter
 from qlora_lite.planner.memory import estimate_memory
 from qlora_lite.planner.planning import Plan, plan
 from qlora_lite.planner.profiles import get_profile
+
+# Imported eagerly on purpose: `train`, `plan` and `generate` are both modules and functions, and the
+# function must win whatever imports the submodule later.
+from qlora_lite.training.classifier import train_classifier
 from qlora_lite.training.run import TrainResult, train
 
 __version__ = "0.1.0"

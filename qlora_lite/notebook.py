@@ -139,7 +139,7 @@ def hub_token() -> str | None:
     background uploads see it too (they cannot read Colab secrets). The token is never logged.
     """
     try:
-        from qlora_lite.hub.client import resolve_token
+        from qlora_lite.hub.token import resolve_token
     except ImportError:  # an older build without the Hub module
         resolve_token = None
     if resolve_token is not None:

@@ -357,7 +357,7 @@ def python_api() -> nbformat.NotebookNode:
             elif notebook.hub_token() is None:
                 print("skipping the push: no Hugging Face token; add the Colab secret HF_TOKEN (key icon) or set HF_TOKEN")
             else:
-                from qlora_lite.hub import client as hub
+                from qlora_lite.hub import push as hub
 
                 with notebook.friendly_errors():
                     print(hub.push(result.output_dir, HUB_REPO))

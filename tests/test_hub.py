@@ -22,7 +22,9 @@ from fake_hub import FakeHub, FakeHubClient, http_error
 from huggingface_hub import ModelCard
 from safetensors.numpy import save_file
 
-from qlora_lite.hub import client as hub
+from qlora_lite.hub import client as hub_client
+from qlora_lite.hub import push as hub
+from qlora_lite.hub import token as hub_token
 from qlora_lite.checkpoint.store import CheckpointStore
 from qlora_lite.errors import UserError
 from qlora_lite.hub.checkpoints import HubBackend, backend_from_spec
@@ -120,8 +122,8 @@ def fake(tmp_path, monkeypatch) -> FakeHub:
         FINE_TOKEN: {"name": "alice", "orgs": [], "role": "fineGrained"},
     }
     server = FakeHub(tmp_path / "hub", accounts)
-    monkeypatch.setattr(hub, "make_client", lambda token: FakeHubClient(server, token))
-    monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(hub_client, "make_client", lambda token: FakeHubClient(server, token))
+    monkeypatch.setattr(hub_client, "RETRY_DELAYS", (0.0, 0.0, 0.0))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return server
 
@@ -274,7 +276,7 @@ def test_resolve_token_sources(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(no_token_path))
-    monkeypatch.setattr(hub, "in_colab", lambda: False)
+    monkeypatch.setattr(hub_token, "in_colab", lambda: False)
     assert hub.resolve_token() is None
     no_token_path.write_text("hf_FromTheLoginFile0123456789\n")
     assert hub.resolve_token() == "hf_FromTheLoginFile0123456789"
@@ -296,7 +298,7 @@ def test_resolve_token_reads_the_colab_secret_in_the_notebook_process(monkeypatc
     colab.userdata = userdata
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", colab)
-    monkeypatch.setattr(hub, "in_colab", lambda: True)
+    monkeypatch.setattr(hub_token, "in_colab", lambda: True)
     assert hub.resolve_token() == "hf_ColabSecret0123456789"
 
 
@@ -489,10 +491,10 @@ def test_cli_main_exits_2_on_push_mistakes(fake, run, capsys):
 def test_the_fake_has_the_real_clients_interface():
     import inspect
 
-    public = {n for n, v in vars(hub.HubClient).items() if callable(v) and not n.startswith("_")}
+    public = {n for n, v in vars(hub_client.HubClient).items() if callable(v) and not n.startswith("_")}
     assert public == {n for n, v in vars(FakeHubClient).items() if callable(v) and not n.startswith("_")}
     for name in public:
-        real = inspect.signature(getattr(hub.HubClient, name))
+        real = inspect.signature(getattr(hub_client.HubClient, name))
         fake_sig = inspect.signature(getattr(FakeHubClient, name))
         assert list(real.parameters) == list(fake_sig.parameters), name
 
@@ -500,8 +502,8 @@ def test_the_fake_has_the_real_clients_interface():
 def test_the_real_client_in_offline_mode_gives_clear_errors(monkeypatch, run, tmp_path):
     """HF_HUB_OFFLINE=1 (conftest): the real HfApi refuses before any network access."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0,))
-    assert repr(hub.make_client(TOKEN)) == "HubClient(endpoint='https://huggingface.co')"
+    monkeypatch.setattr(hub_client, "RETRY_DELAYS", (0.0,))
+    assert repr(hub_client.make_client(TOKEN)) == "HubClient(endpoint='https://huggingface.co')"
     with pytest.raises(UserError, match="HF_HUB_OFFLINE=1 forbids the Hub"):
         hub.push(run, "alice/x")
     with pytest.raises(UserError, match="nor in the Hugging Face cache"):

@@ -14,7 +14,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import qlora_lite
-from qlora_lite.hub import client as hub
+from qlora_lite.hub import client as hub_client
+from qlora_lite.hub import push as hub
 
 TOKEN = "hf_TrainTestToken0123456789abcdefQRS"
 ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(20)]
@@ -24,8 +25,8 @@ SETTINGS = dict(max_steps=4, effective_batch_size=4, micro_batch_size=2, lora_r=
 @pytest.fixture
 def fake(tmp_path, monkeypatch) -> FakeHub:
     server = FakeHub(tmp_path / "hub", {TOKEN: {"name": "alice", "orgs": [], "role": "write"}})
-    monkeypatch.setattr(hub, "make_client", lambda token: FakeHubClient(server, token))
-    monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(hub_client, "make_client", lambda token: FakeHubClient(server, token))
+    monkeypatch.setattr(hub_client, "RETRY_DELAYS", (0.0, 0.0, 0.0))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return server
 

@@ -13,8 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from qlora_lite.checkpoint.manifest import CheckpointInfo
 from qlora_lite.checkpoint.durable import DurableBackend
+from qlora_lite.checkpoint.manifest import CheckpointInfo
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_lite.errors import UserError
+from qlora_lite.run_files import MANIFEST  # noqa: F401 (re-exported)
 
 FORMAT = "qlora_lite.checkpoint"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+
 _NAME = re.compile(r"^checkpoint-(\d{6,})$")
 _CHUNK = 1 << 20
 

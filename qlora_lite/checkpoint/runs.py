@@ -14,9 +14,8 @@ from pathlib import Path
 
 from qlora_lite.checkpoint.manifest import CheckpointInfo, SkippedCheckpoint, step_of, verify_checkpoint
 from qlora_lite.errors import UserError
+from qlora_lite.run_files import CHECKPOINTS  # noqa: F401
 from qlora_lite.training.record import RUN_RECORD
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from qlora_lite.checkpoint.copier import DurableCopier, describe_error
+from qlora_lite.checkpoint.durable import (
+    RETIRED,
+    DurableBackend,
+    FolderBackend,
+    default_durable_root,
+    publish_dir,
+    remove_tree,
+)
 from qlora_lite.checkpoint.manifest import (
     MANIFEST,
     CheckpointInfo,
@@ -39,16 +48,8 @@ from qlora_lite.checkpoint.manifest import (
     step_of,
     verify_checkpoint,
 )
-from qlora_lite.checkpoint.durable import (
-    RETIRED,
-    DurableBackend,
-    FolderBackend,
-    default_durable_root,
-    publish_dir,
-    remove_tree,
-)
-from qlora_lite.checkpoint.copier import DurableCopier, describe_error
 from qlora_lite.errors import UserError
+from qlora_lite.run_files import STAGING  # noqa: F401 (re-exported)
 
 __all__ = [
     "CheckpointInfo",
@@ -62,7 +63,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging-"
+
 FileSource = bytes | Callable[[BinaryIO], None] | os.PathLike
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EROFS, errno.EPERM}

@@ -37,7 +37,7 @@ def class_weights_arg(value: str) -> str | dict[str, float]:
 
 def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `classify` (predict) and `train-classifier` (train) to the CLI's subcommands."""
-    from qlora_lite.cli.main import add_run_flags
+    from qlora_lite.cli.flags import add_run_flags
 
     c = sub.add_parser("classify", help="label texts with a trained classifier run")
     c.add_argument("run_dir", help="run folder written by train-classifier")

@@ -39,7 +39,8 @@ def add_push_parser(subparsers: Any) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     """Push and print the commit URL; UserError (exit status 2 in the CLI) for anything the user can fix."""
-    from qlora_lite.hub import client as hub
+    from qlora_lite.hub import push as hub
+
     result = hub.push(
         args.run_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.message
     )

@@ -163,8 +163,8 @@ def run_classify_demo(
     output_dir: str = "runs/classify-demo", *, model: str = "minilm", progress: bool = True, **overrides: Any
 ) -> dict[str, Any]:
     """Train the intent classifier and measure held-out accuracy before/after against the majority baseline."""
-    from qlora_lite.training.classifier import train_classifier
     from qlora_lite.inference.classification import load_classifier
+    from qlora_lite.training.classifier import train_classifier
     from qlora_lite.training.evaluation import classification_metrics, majority_baseline
     from qlora_lite.training.record import write_json_atomic
 
@@ -223,10 +223,10 @@ def run_classify_demo(
 def _untrained_accuracy(model_dir: Path, names: list[str], rows: list[dict], quantization: str) -> float:
     import torch
 
-    from qlora_lite.training.classifier import load_classification_base
     from qlora_lite.data.labels import LabelMapping
     from qlora_lite.inference.classification import Classifier
     from qlora_lite.model.loading import load_tokenizer
+    from qlora_lite.training.classifier import load_classification_base
 
     tokenizer = load_tokenizer(str(model_dir))
     mapping = LabelMapping(tuple(names))

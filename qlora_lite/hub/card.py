@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from qlora_lite.run_files import RUN_RECORD
+
 REPO_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -93,7 +95,7 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(run_dir)
-    record = json.loads((folder / "run_record.json").read_text())
+    record = json.loads((folder / RUN_RECORD).read_text())
     base_id = base_model or base_hub_id(record)
     quant = record.get("quantization") or {}
     lora, plan, data = record.get("lora") or {}, record.get("plan") or {}, record.get("data") or {}

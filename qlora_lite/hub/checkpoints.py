@@ -22,12 +22,13 @@ import secrets
 import shutil
 from pathlib import Path
 
-from qlora_lite.hub import client as hub
-from qlora_lite.checkpoint.store import STAGING
-from qlora_lite.checkpoint.manifest import MANIFEST, step_of
 from qlora_lite.checkpoint.durable import DurableBackend
+from qlora_lite.checkpoint.manifest import MANIFEST, step_of
+from qlora_lite.checkpoint.store import STAGING
 from qlora_lite.errors import UserError
-from qlora_lite.hub.client import HubClient, check_repo_id, hub_error, resolve_token, with_retries
+from qlora_lite.hub import client as hub
+from qlora_lite.hub.client import HubClient, check_repo_id, hub_error, with_retries
+from qlora_lite.hub.token import resolve_token
 
 log = logging.getLogger(__name__)
 

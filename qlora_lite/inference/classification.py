@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from qlora_lite.data import labels as cdata
-from qlora_lite.training.classifier import LABELS_FILE, load_classification_base, predict_logits
 from qlora_lite.data.labels import ClassifierExample
 from qlora_lite.errors import UserError
 from qlora_lite.model.loading import load_tokenizer, read_run_record, resolve_model
+from qlora_lite.training.classifier import LABELS_FILE, load_classification_base, predict_logits
 from qlora_lite.training.record import RUN_RECORD
 
 
@@ -65,7 +65,7 @@ def load_classifier(
     `run_dir` is a run folder or a Hub id (with `revision`)."""
     from peft import PeftModel
 
-    from qlora_lite.hub.client import resolve_adapter
+    from qlora_lite.hub.push import resolve_adapter
 
     run_dir = resolve_adapter(run_dir, revision)
     record = read_run_record(run_dir) if run_dir.is_dir() else None

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from qlora_lite.compat import keep_4bit_weights_differentiable
 from qlora_lite.errors import UserError
+from qlora_lite.run_files import RUN_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def attach_lora(
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
-    keep_4bit_weights_differentiable(model)
+    keep_4bit_weights_differentiable(model)  # an upstream bug: see qlora_lite.compat
     targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,
@@ -158,22 +160,6 @@ def attach_lora(
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"LoRA target modules {targets!r} do not match this model: {exc}") from exc
-
-
-def keep_4bit_weights_differentiable(model) -> int:
-    """Turn off bitsandbytes' CPU inference repacking on a model that will be trained.
-
-    bitsandbytes 0.50 repacks a Linear4bit's weight for an AVX512-BF16 kernel the first time it runs in eval
-    mode without grad on CPU, and keeps it so: later training steps then go through `gemv_4bit`, which has
-    no autograd, and the gradients reaching LoRA layers below it are silently wrong. Evaluation inside a
-    training run triggers exactly that. Remove when bitsandbytes undoes the packing on `.train()`.
-    """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 def load_tokenizer(model_path: str, revision: str | None = None):
@@ -191,7 +177,7 @@ def load_tokenizer(model_path: str, revision: str | None = None):
 
 
 def read_run_record(path: str | os.PathLike) -> dict | None:
-    record = Path(path) / "run_record.json"
+    record = Path(path) / RUN_RECORD
     if record.is_file():
         return json.loads(record.read_text())
     return None
@@ -204,7 +190,7 @@ def _base_of(adapter, record: dict | None) -> str | None:
     path = record.get("base_model", {}).get("path")
     if path and Path(path).is_dir():
         return path
-    from qlora_lite.hub.client import base_hub_id
+    from qlora_lite.hub.card import base_hub_id
 
     hub_id = base_hub_id(record)
     if hub_id:
@@ -228,7 +214,7 @@ def load_for_inference(
 
     `adapter` is a run folder or a Hub id (with `revision`)."""
     if adapter is not None:
-        from qlora_lite.hub.client import resolve_adapter
+        from qlora_lite.hub.push import resolve_adapter
 
         adapter = resolve_adapter(adapter, revision)
     record = read_run_record(adapter) if adapter is not None else None

@@ -20,25 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
+from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.data import labels as cdata
 from qlora_lite.data.labels import ClassifierExample
-from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.errors import UserError
-from qlora_lite.training.evaluation import (
-    classification_metrics,
-    format_classification_table,
-    majority_baseline,
-    plot_confusion_matrix,
-)
-from qlora_lite.planner.hardware import HardwareProfile, detect
-from qlora_lite.training.loop import (
-    StepRunner,
-    autocast,
-    eval_halving_batch_on_oom,
-    split_micro_batches,
-    step_examples,
-    steps_per_epoch,
-)
 from qlora_lite.model.loading import (
     CLASSIFIER_HEADS,
     LoraSettings,
@@ -47,6 +33,22 @@ from qlora_lite.model.loading import (
     load_tokenizer,
     resolve_model,
     torch_dtype,
+)
+from qlora_lite.planner.hardware import HardwareProfile, detect
+from qlora_lite.run_files import CONFUSION_PLOT, LABELS_FILE  # noqa: F401 (re-exported)
+from qlora_lite.training.evaluation import (
+    classification_metrics,
+    format_classification_table,
+    majority_baseline,
+    plot_confusion_matrix,
+)
+from qlora_lite.training.loop import (
+    StepRunner,
+    autocast,
+    eval_halving_batch_on_oom,
+    split_micro_batches,
+    step_examples,
+    steps_per_epoch,
 )
 from qlora_lite.training.record import (
     LOSS_PLOT,
@@ -58,7 +60,7 @@ from qlora_lite.training.record import (
     plot_loss,
     write_json_atomic,
 )
-from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
+from qlora_lite.training.run import KEPT_ON_RESUME, PreparedData, TrainResult
 from qlora_lite.training.setup import (
     finished_record,
     open_checkpoint_store,
@@ -68,13 +70,11 @@ from qlora_lite.training.setup import (
     seed_everything,
     start_or_restore,
 )
-from qlora_lite.training.run import KEPT_ON_RESUME, PreparedData, TrainResult
 
 log = logging.getLogger(__name__)
 
 HEAD_NAMES = CLASSIFIER_HEADS
-LABELS_FILE = "labels.json"
-CONFUSION_PLOT = "confusion_matrix.png"
+
 PERIODIC_EVAL_EXAMPLES = 256  # evaluations during training use at most this many held-out texts
 
 

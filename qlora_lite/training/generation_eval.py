@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from qlora_lite.training.evaluation import contains_match, exact_match, side_by_side
 from qlora_lite.inference.generation import generate_batch
+from qlora_lite.training.evaluation import contains_match, exact_match, side_by_side
 
 log = logging.getLogger(__name__)
 

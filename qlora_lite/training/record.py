@@ -10,11 +10,8 @@ import platform
 import time
 from pathlib import Path
 
-RUN_RECORD = "run_record.json"
-RUN_CONFIG = "run_config.json"
-ORIGIN_FILE = "qlora_lite_origin.json"  # {"hub_id": ...} in a model folder converted from a Hub model  # the settings a run started with: `qlora-lite resume` re-runs them
-STEP_LOG = "steps.jsonl"
-LOSS_PLOT = "loss.png"
+from qlora_lite.run_files import LOSS_PLOT, ORIGIN_FILE, RUN_CONFIG, RUN_RECORD, STEP_LOG  # noqa: F401
+
 TRACKED_PACKAGES = (
     "qlora-lite",
     "torch",

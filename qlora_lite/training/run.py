@@ -14,11 +14,20 @@ from typing import Any
 
 import torch
 
-from qlora_lite.data import formats as data_mod
-from qlora_lite.data import encoding as encode_mod
+from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
 from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig, make_config
+from qlora_lite.data import encoding as encode_mod
+from qlora_lite.data import formats as data_mod
 from qlora_lite.errors import UserError
+from qlora_lite.model.loading import (
+    LoraSettings,
+    attach_lora,
+    load_base_model,
+    load_tokenizer,
+    resolve_model,
+    torch_dtype,
+)
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.training.loop import (
     StepRunner,
@@ -27,7 +36,6 @@ from qlora_lite.training.loop import (
     step_examples,
     steps_per_epoch,
 )
-from qlora_lite.model.loading import LoraSettings, attach_lora, load_base_model, load_tokenizer, resolve_model, torch_dtype
 from qlora_lite.training.record import (
     LOSS_PLOT,
     RUN_CONFIG,
@@ -38,7 +46,6 @@ from qlora_lite.training.record import (
     plot_loss,
     write_json_atomic,
 )
-from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
 from qlora_lite.training.setup import (
     finished_record,
     open_checkpoint_store,
@@ -279,7 +286,7 @@ def run(config: TrainConfig) -> TrainResult:
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
     if config.push_to_hub:
-        from qlora_lite.hub.client import push
+        from qlora_lite.hub.push import push
 
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)

@@ -15,17 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlora_lite.checkpoint.resume import Checkpointer, check_same_parameters, restore
 from qlora_lite.checkpoint.store import CheckpointStore, default_durable_root
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
+from qlora_lite.run_files import CHECKPOINTS, RUN_FILES  # noqa: F401 (re-exported)
 from qlora_lite.training.loop import LoopState, OutOfMemoryAtMicroBatchOne
-from qlora_lite.training.record import LOSS_PLOT, RUN_CONFIG, RUN_RECORD, STEP_LOG, rewrite_step_log
-from qlora_lite.checkpoint.resume import Checkpointer, check_same_parameters, restore
+from qlora_lite.training.record import RUN_RECORD, rewrite_step_log
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-RUN_FILES = (RUN_RECORD, RUN_CONFIG, STEP_LOG, LOSS_PLOT, "adapter_config.json", "adapter_model.safetensors")
 
 
 def seed_everything(seed: int) -> None:

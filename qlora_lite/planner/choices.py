@@ -1,0 +1,148 @@
+"""The smaller decisions of a plan and their reasons: sequence length, step time, checkpoint interval, the
+nearest plan that fits, and the sentences `Plan.explain()` shows for the memory-driven choices."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from qlora_lite.planner.hardware import HardwareProfile, format_bytes
+from qlora_lite.planner.memory import ModelShape, count_parameters, estimate_memory
+
+DEFAULT_SEQ_LEN = 512
+MAX_CHECKPOINT_INTERVAL_S = 600
+_ROUND_LENGTHS = (
+    64,
+    128,
+    192,
+    256,
+    384,
+    512,
+    768,
+    1024,
+    1536,
+    2048,
+    3072,
+    4096,
+    6144,
+    8192,
+    12288,
+    16384,
+    32768,
+)
+# Effective LoRA training FLOP/s (crude; 4-bit dequantization included): by compute capability, and per CPU core.
+_GPU_FLOPS = {(7, 0): 25e12, (7, 5): 12e12, (8, 0): 90e12, (8, 6): 30e12, (8, 9): 45e12, (9, 0): 180e12}
+_CPU_FLOPS_PER_CORE = 4.5e10
+_DISK_BYTES_PER_S = {"colab": 40e6, "kaggle": 100e6, "local": 300e6}
+
+
+def choose_seq_len(lengths: Sequence[int] | None, limit: int | None) -> tuple[int, int, str]:
+    """(max_seq_length, examples truncated, why): the smallest round length covering >= 99% of examples."""
+    limit = int(limit) if limit else None
+    if not lengths:
+        value = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+        return value, 0, f"{value}: no data given (default)"
+    ordered = sorted(int(n) for n in lengths)
+    need = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    value = next((r for r in _ROUND_LENGTHS if r >= need), _ROUND_LENGTHS[-1])
+    if limit and value > limit:
+        value = limit
+    truncated = sum(1 for n in ordered if n > value)
+    why = (
+        f"covers {len(ordered) - truncated} of {len(ordered)} examples (longest {ordered[-1]}, "
+        f"99th percentile {need} tokens); {truncated} truncated"
+    )
+    if limit and value == limit:
+        why += f"; the model's limit is {limit}"
+    return value, truncated, why
+
+
+def step_seconds(shape: ModelShape, hw: HardwareProfile, tokens: int, gc: bool, task: str) -> float:
+    params = count_parameters(shape, task=task)["total"]
+    flops = (6 if gc else 4) * params * tokens  # forward 2N + backward 2N (input grads only) [+ recompute 2N]
+    if hw.accelerator == "cuda" and hw.gpus:
+        rate = _GPU_FLOPS.get(tuple(hw.gpus[0].compute_capability), 40e12) * len(hw.gpus)
+    else:
+        rate = _CPU_FLOPS_PER_CORE * max(1, hw.cpu_count)
+    return flops / rate
+
+
+def checkpoint_interval(step_s: float, state_bytes: int, hw: HardwareProfile) -> tuple[int, str]:
+    speed = _DISK_BYTES_PER_S.get(hw.environment, 300e6)
+    cost = 1.0 + state_bytes / speed
+    interval = int(min(MAX_CHECKPOINT_INTERVAL_S, max(60.0, 50 * cost, step_s)))
+    why = (
+        f"a save (adapter + optimizer, {format_bytes(state_bytes)}) costs ~{cost:.1f} s, one step ~{step_s:.1f} s: "
+        f"saving every {interval} s keeps saving under 2% of the time and loses at most "
+        f"{min(interval, MAX_CHECKPOINT_INTERVAL_S) / 60:.0f} min"
+    )
+    return interval, why
+
+
+def relative_speed(mb: int, seq: int, gc: bool, accelerator: str) -> float:
+    """Relative tokens/s: bigger micro-batches use the device better; checkpointing costs ~30%."""
+    saturation = 2048 if accelerator == "cuda" else 128
+    tokens = mb * seq
+    return tokens / (tokens + saturation) * (0.7 if gc else 1.0)
+
+
+def nearest_fit(search, seq: int, effective: int) -> dict[str, Any] | None:
+    """Relax micro-batch, checkpointing and optimizer first; then shorten the sequence length."""
+    length = seq
+    while length >= 64:
+        found = search(True, length)
+        if found:
+            knobs, est = found
+            return {
+                **knobs,
+                "gradient_accumulation_steps": math.ceil(effective / knobs["micro_batch_size"]),
+                "max_seq_length": length,
+                "peak_memory_bytes": est.peak_bytes,
+            }
+        length //= 2
+    return None
+
+
+def explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effective) -> None:  # noqa: ANN001
+    gc, mb, opt = knobs["gradient_checkpointing"], knobs["micro_batch_size"], knobs["optimizer"]
+    peak = est.peak_bytes
+    other_gc = estimate_memory(
+        shape, **base, seq_len=seq, micro_batch_size=mb, gradient_checkpointing=not gc, optimizer=opt
+    )
+    of = f"of {format_bytes(target)} allowed ({format_bytes(usable)} usable)"
+    if peak > target:
+        reasons["gradient_checkpointing"] = (
+            f"{'on' if gc else 'off'}: {format_bytes(peak)} {of}; "
+            f"{'off' if gc else 'on'} would need {format_bytes(other_gc.peak_bytes)}"
+        )
+    elif gc:
+        reasons["gradient_checkpointing"] = (
+            f"on: {format_bytes(peak)} {of}; off would need {format_bytes(other_gc.peak_bytes)}"
+        )
+    else:
+        reasons["gradient_checkpointing"] = f"off (~30% faster): {format_bytes(peak)} {of} with it off"
+    bigger = mb + 1
+    if peak > target:
+        reasons["micro_batch_size"] = (
+            f"{mb} needs {format_bytes(peak)}, more than the {format_bytes(target)} allowed"
+        )
+    elif bigger <= effective:
+        more = estimate_memory(
+            shape, **base, seq_len=seq, micro_batch_size=bigger, gradient_checkpointing=gc, optimizer=opt
+        )
+        reasons["micro_batch_size"] = (
+            f"{mb} fits in {format_bytes(peak)}; {bigger} would need {format_bytes(more.peak_bytes)}"
+            if more.peak_bytes > target
+            else f"{mb}: fastest choice found ({format_bytes(peak)} {of})"
+        )
+    else:
+        reasons["micro_batch_size"] = f"{mb} = the effective batch {effective}: no accumulation needed"
+    if opt == "adamw_torch":
+        reasons["optimizer"] = (
+            f"AdamW fp32 states are small here ({format_bytes(est.breakdown['optimizer_states'])})"
+        )
+    else:
+        reasons["optimizer"] = (
+            f"{opt}: 2 bytes/param of state ({format_bytes(est.breakdown['optimizer_states'])})"
+        )
