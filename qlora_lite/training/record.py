@@ -131,6 +131,7 @@ def build_run_record(
             "alpha": lora.lora_alpha,
             "dropout": lora.dropout,
             "target_modules": lora.target_modules,
+            **lora.extra,
         },
         "plan": plan.to_dict(),
         "identity": identity,
