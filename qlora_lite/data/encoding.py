@@ -235,19 +235,27 @@ def prompt_ids(messages: str | Sequence[dict], tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def load_tokenizer(model_path: str | os.PathLike) -> Any:
-    """AutoTokenizer from a local folder (never the network); UserError if it cannot be read."""
+def load_tokenizer(model_path: Any) -> Any:
+    """AutoTokenizer from a local folder, or from a Hub model (a `ModelSource` or an id, pinned to its commit);
+    UserError if it cannot be read."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(model_path):
-        raise UserError(
-            f"model folder {model_path} not found: give a local folder holding the tokenizer files"
-        )
+    from qlora_lite.model.source import looks_like_hub_id, resolve_model_source
+
+    if not hasattr(model_path, "config_path") and not os.path.isdir(model_path):
+        if not looks_like_hub_id(str(model_path)):
+            raise UserError(
+                f"model folder {model_path} not found: give a local folder holding the tokenizer files"
+            )
+    source = resolve_model_source(model_path)
     try:
-        return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        if source.on_hub:
+            return AutoTokenizer.from_pretrained(source.name, **source.pretrained_kwargs())
+        return AutoTokenizer.from_pretrained(source.name, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"cannot load a tokenizer from {model_path} ({exc}); the folder needs tokenizer files"
+            f"cannot load a tokenizer from {source.display_name} ({str(exc).splitlines()[0]}); "
+            "the model needs tokenizer files"
         ) from exc
 
 
