@@ -242,20 +242,22 @@ def load_tokenizer(model_path: Any) -> Any:
 
     from qlora_lite.model.source import looks_like_hub_id, resolve_model_source
 
-    if not hasattr(model_path, "config_path") and not os.path.isdir(model_path):
-        if not looks_like_hub_id(str(model_path)):
-            raise UserError(
-                f"model folder {model_path} not found: give a local folder holding the tokenizer files"
-            )
-    source = resolve_model_source(model_path)
+    if hasattr(model_path, "config_path"):  # a resolved ModelSource
+        name, kwargs = model_path.name, model_path.pretrained_kwargs()
+    elif os.path.isdir(model_path):  # a folder holding only tokenizer files is enough here
+        name, kwargs = str(model_path), {"local_files_only": True}
+    elif looks_like_hub_id(str(model_path)):
+        source = resolve_model_source(model_path)
+        name, kwargs = source.name, source.pretrained_kwargs()
+    else:
+        raise UserError(
+            f"model folder {model_path} not found: give a local folder holding the tokenizer files"
+        )
     try:
-        if source.on_hub:
-            return AutoTokenizer.from_pretrained(source.name, **source.pretrained_kwargs())
-        return AutoTokenizer.from_pretrained(source.name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"cannot load a tokenizer from {source.display_name} ({str(exc).splitlines()[0]}); "
-            "the model needs tokenizer files"
+            f"cannot load a tokenizer from {name} ({str(exc).splitlines()[0]}); the model needs tokenizer files"
         ) from exc
 
 
