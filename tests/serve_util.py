@@ -25,7 +25,9 @@ def make_adapter(base: str, folder: Path, seed: int, r: int = 4, **lora_kwargs) 
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=8 * r, target_modules="all-linear", init_lora_weights=False, **lora_kwargs)
+    config = LoraConfig(
+        r=r, lora_alpha=8 * r, target_modules="all-linear", init_lora_weights=False, **lora_kwargs
+    )
     get_peft_model(model, config).save_pretrained(folder)
     return str(folder)
 
@@ -54,7 +56,9 @@ def post(handle, path: str, body: bytes | dict, headers: dict | None = None) -> 
     """A raw POST (for bodies the openai client will not send): (status, parsed JSON or text)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     url = handle.url.removesuffix("/v1") + path
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             status, text = response.status, response.read().decode()
@@ -69,7 +73,9 @@ def post(handle, path: str, body: bytes | dict, headers: dict | None = None) -> 
 def get(handle, path: str, headers: dict | None = None) -> tuple[int, dict]:
     url = handle.url.removesuffix("/v1") + path
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=60
+        ) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -81,5 +87,5 @@ def assert_openai_error(status: int, body, expected: int) -> dict:
     assert isinstance(body, dict) and set(body) == {"error"}, body
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"], error
-    assert "Traceback" not in error["message"] and "File \"" not in error["message"]
+    assert "Traceback" not in error["message"] and 'File "' not in error["message"]
     return error

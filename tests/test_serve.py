@@ -16,13 +16,18 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 QUANTIZATION = "nf4"  # what `qlora-lite generate` uses for an adapter folder without a run record
-CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the fox."}]
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Tell me about the fox."},
+]
 
 
 @pytest.fixture(scope="module")
 def lora(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-adapters")
-    return tiny_model, {name: make_adapter(tiny_model, root / name, seed=i + 1) for i, name in enumerate(ADAPTERS)}
+    return tiny_model, {
+        name: make_adapter(tiny_model, root / name, seed=i + 1) for i, name in enumerate(ADAPTERS)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +82,9 @@ def test_streaming_yields_the_same_text_in_openai_chunks(server, model):
     whole = chat(server, model)
     chunks = list(chat(server, model, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id and c.model == model for c in chunks)
+    assert all(
+        c.object == "chat.completion.chunk" and c.id == chunks[0].id and c.model == model for c in chunks
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -86,7 +93,9 @@ def test_streaming_yields_the_same_text_in_openai_chunks(server, model):
 
 
 def test_the_raw_stream_ends_with_done(server):
-    body = json.dumps({"model": "beta", "prompt": "The quick", "max_tokens": 6, "temperature": 0, "stream": True})
+    body = json.dumps(
+        {"model": "beta", "prompt": "The quick", "max_tokens": 6, "temperature": 0, "stream": True}
+    )
     request = urllib.request.Request(
         server.url + "/completions", data=body.encode(), headers={"Content-Type": "application/json"}
     )
@@ -104,7 +113,9 @@ def test_the_raw_stream_ends_with_done(server):
 def test_completions_take_the_prompt_as_raw_text(server, lora):
     from transformers import AutoTokenizer
 
-    reply = client(server).completions.create(model="alpha", prompt="The quick brown", max_tokens=5, temperature=0)
+    reply = client(server).completions.create(
+        model="alpha", prompt="The quick brown", max_tokens=5, temperature=0
+    )
     tokenizer = AutoTokenizer.from_pretrained(lora[0])
     assert reply.usage.prompt_tokens == len(tokenizer("The quick brown")["input_ids"])  # no chat template
     assert reply.object == "text_completion" and reply.model == "alpha"
@@ -133,7 +144,9 @@ def test_unknown_model_is_404_in_openai_shape(server):
     with pytest.raises(openai.NotFoundError) as caught:
         chat(server, "gamma")
     assert caught.value.status_code == 404
-    error = assert_openai_error(*post(server, "/v1/chat/completions", {"model": "gamma", "messages": CHAT}), 404)
+    error = assert_openai_error(
+        *post(server, "/v1/chat/completions", {"model": "gamma", "messages": CHAT}), 404
+    )
     assert "alpha" in error["message"] and error["param"] == "model" and error["code"] == "model_not_found"
     assert_openai_error(*get(server, "/v1/nothing-here"), 404)
 
@@ -182,10 +195,14 @@ def test_adapters_load_and_unload_at_run_time_in_vllms_shape(server, lora, tmp_p
     status, text = post(server, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": gamma})
     assert status == 200 and "gamma" in text
     assert "gamma" in {m.id for m in client(server).models.list()}
-    assert chat(server, "gamma").choices[0].message.content != chat(server, "alpha").choices[0].message.content
+    assert (
+        chat(server, "gamma").choices[0].message.content != chat(server, "alpha").choices[0].message.content
+    )
     again = post(server, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": gamma})
     assert_openai_error(*again, 400)
-    missing = post(server, "/v1/load_lora_adapter", {"lora_name": "delta", "lora_path": str(tmp_path / "nope")})
+    missing = post(
+        server, "/v1/load_lora_adapter", {"lora_name": "delta", "lora_path": str(tmp_path / "nope")}
+    )
     assert_openai_error(*missing, 400)
     status, text = post(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"})
     assert status == 200

@@ -26,7 +26,7 @@ def adapter_set(tiny_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("limits-adapters")
     paths = {name: make_adapter(tiny_model, root / name, seed=10 + i) for i, name in enumerate(ADAPTERS)}
-    return AdapterSet(tiny_model, paths, quantization="nf4")
+    return AdapterSet(tiny_model, paths, quantization="none")  # 16/32-bit: the fastest on CPU
 
 
 def ask(handle, model: str, i: int, **kwargs):
@@ -69,7 +69,9 @@ def _open_stream(handle, max_tokens: int):
     body = {"model": "alpha", "prompt": "The quick brown fox", "max_tokens": max_tokens, "temperature": 0,
             "stream": True}  # fmt: skip
     request = urllib.request.Request(
-        handle.url + "/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        handle.url + "/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
     )
     response = urllib.request.urlopen(request, timeout=120)
     while not response.readline().startswith(b"data:"):
@@ -107,9 +109,9 @@ def test_a_full_queue_answers_429_and_the_server_stays_up(adapter_set):
 
 
 def test_a_request_past_the_timeout_is_504_and_leaves_the_queue(adapter_set):
-    with running(adapter_set, limits=_limits(max_batch=1, timeout=0.01, max_tokens=200)) as handle:
+    with running(adapter_set, limits=_limits(max_batch=1, timeout=0.01)) as handle:
         with pytest.raises(openai.APIStatusError) as caught:
-            ask(handle, "alpha", 3, max_tokens=200)
+            ask(handle, "alpha", 3, max_tokens=40)
         assert caught.value.status_code == 504 and caught.value.body["code"] == "timeout"
         assert get(handle, "/health")[0] == 200
 
@@ -148,3 +150,36 @@ def test_without_a_key_the_server_binds_loopback_and_warns_for_another_host(capl
         assert resolve_host("0.0.0.0", "a-key") == "0.0.0.0" and not caplog.records
         assert resolve_host("0.0.0.0", None) == "0.0.0.0"
     assert "without an API key" in caplog.text and "QLORA_LITE_API_KEY" in caplog.text
+
+
+def test_closing_a_stream_stops_its_generation_at_the_next_token(adapter_set):
+    prompt = "The quick brown fox"
+    full = adapter_set.generate([prompt], "alpha", max_new_tokens=60)[0]
+    assert full.finish_reason == "length"  # left alone, this stream would run 60 steps
+    steps = []
+    hook = adapter_set.model.get_base_model().register_forward_hook(lambda *args: steps.append(1))
+    try:
+        pieces = adapter_set.stream(prompt, "alpha", max_new_tokens=60)
+        next(pieces)
+        pieces.close()  # what the server does when the streaming client goes away
+        for thread in threading.enumerate():
+            if thread.name == "qlora-lite-stream":
+                thread.join()
+    finally:
+        hook.remove()
+    assert len(steps) < 20  # it stopped within a few steps, not after 60
+    # The model is free and unharmed: the same request answers as before.
+    assert adapter_set.generate([prompt], "alpha", max_new_tokens=60)[0] == full
+
+
+def test_a_finished_stream_returns_its_completion(adapter_set):
+    pieces = adapter_set.stream("The quick brown fox", "beta", max_new_tokens=10)
+    text = []
+    while True:
+        try:
+            text.append(next(pieces))
+        except StopIteration as end:
+            completion = end.value
+            break
+    assert completion == adapter_set.generate(["The quick brown fox"], "beta", max_new_tokens=10)[0]
+    assert "".join(text) == completion.text

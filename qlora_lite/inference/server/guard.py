@@ -13,6 +13,7 @@ from typing import Any
 from qlora_lite.inference.server.errors import APIError
 
 OPEN_PATHS = ("/health",)  # what a load balancer may ask without the key (as vLLM's /health)
+DRAIN_LIMIT = 64  # times the body limit: how much of an over-large body is read (and dropped) before 413
 
 
 class Guard:
@@ -33,22 +34,27 @@ class Guard:
             ))  # fmt: skip
             return
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _send(send, self._too_large())
+        if declared is not None and not declared.isdigit():
+            await _send(send, APIError(400, "the Content-Length header is not a number"))
             return
-        # Read the body here (at most the limit), then hand it on; later messages (the disconnect) pass through.
+        # Read the body here (keeping at most the limit), then hand it on; later messages (the disconnect)
+        # pass through. An over-large body is read to its end and dropped, so that the client, still
+        # sending, receives the 413 instead of a broken connection.
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":
                 await self.app(scope, _replay([], message, receive), send)
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await _send(send, self._too_large())
-                return
+            size += len(message.get("body", b""))
             more = message.get("more_body", False)
+            if size <= self.max_body_bytes:
+                chunks.append(message.get("body", b""))
+            elif size > DRAIN_LIMIT * self.max_body_bytes:
+                break  # not worth reading on: answer now, the connection closes
+        if size > self.max_body_bytes:
+            await _send(send, self._too_large())
+            return
         await self.app(scope, _replay(chunks, None, receive), send)
 
     def _authorized(self, headers: dict[str, bytes]) -> bool:
