@@ -81,7 +81,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_combine(args: argparse.Namespace) -> int:
-    from qlora_lite.inference.combine import combine_adapters
+    from qlora_lite.inference.combine_save import combine_adapters
 
     out = combine_adapters(
         args.adapters,

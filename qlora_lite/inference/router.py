@@ -25,6 +25,12 @@ from qlora_lite.errors import UserError
 FORMAT = 1
 MAX_TERMS = 400  # per centroid: keeps the router file small; the tail of the weights barely moves a cosine
 BASE_LABELS = ("base", "none", "")
+# Function words carry no domain: without them, an off-topic request scores near zero against every adapter.
+STOP_WORDS = frozenset(
+    "a an the and or but if of to in on at by for with from as is are was were be been it its this that these "
+    "those i you he she we they me my your our their what which who how do does did can could would should "
+    "will please about into not no so than then there here".split()
+)
 
 
 class Route(NamedTuple):
@@ -35,7 +41,7 @@ class Route(NamedTuple):
 
 def terms(text: str) -> Counter:
     """Lower-case words and word pairs."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
+    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOP_WORDS]
     return Counter(words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)])
 
 
@@ -178,7 +184,7 @@ class Router:
             return list(self.state["centroids"])
         if self.kind == "keywords":
             return list(self.state["rules"])
-        return sorted({v for v in (self.state.get("labels") or {}).values() if v})
+        return sorted({v for v in (self.state.get("labels") or {}).values() if v and v not in BASE_LABELS})
 
     # ------------------------------------------------------------------ evaluation and files
     def evaluate(self, held_out: Sequence[tuple[str, str | None]] | Sequence[Mapping]) -> dict[str, Any]:
