@@ -17,6 +17,7 @@ from qlora_lite.hub.push import push, resolve_adapter
 from qlora_lite.inference.adapters import AdapterSet, Completion
 from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.inference.generation import Generator, generate
+from qlora_lite.inference.server import serve
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.planner.memory import estimate_memory
 from qlora_lite.planner.planning import Plan, plan
@@ -50,6 +51,7 @@ __all__ = [
     "push",
     "resolve_adapter",
     "run_demo",
+    "serve",
     "train",
     "train_classifier",
 ]

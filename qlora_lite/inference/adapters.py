@@ -285,7 +285,10 @@ class AdapterSet:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Text pieces as they are generated; joined, they equal `generate([prompt], adapter)[0].text`."""
+        """Text pieces as they are generated; joined, they equal `generate([prompt], adapter)[0].text`.
+
+        The generator returns that `Completion` (token counts, finish reason) as its StopIteration value.
+        Closing it early (a streaming client went away) ends the generation at its next token."""
         rows = self._rows(adapter, 1)
         loaded = self._adapters[rows[0]] if rows[0] else None
         tokenizer = loaded.tokenizer if loaded else self.tokenizer
@@ -295,10 +298,18 @@ class AdapterSet:
         )
         tokens: queue.Queue = queue.Queue()
         result: dict[str, Any] = {}
+        closed = threading.Event()
+
+        def on_token(token: int) -> None:
+            if closed.is_set():
+                raise _StreamClosed  # stops generate() inside its loop, which releases the model's lock
+            tokens.put(token)
 
         def work() -> None:
             try:
-                result["completion"] = self._complete([prompt], rows, on_token=tokens.put, **options)[0]
+                result["completion"] = self._complete([prompt], rows, on_token=on_token, **options)[0]
+            except _StreamClosed:
+                pass
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread below
                 result["error"] = exc
             finally:
@@ -306,16 +317,20 @@ class AdapterSet:
 
         thread = threading.Thread(target=work, name="qlora-lite-stream", daemon=True)
         thread.start()
-        while (token := tokens.get()) is not None:
-            piece = pieces.push(token)
-            if piece:
-                yield piece
+        try:
+            while (token := tokens.get()) is not None:
+                piece = pieces.push(token)
+                if piece:
+                    yield piece
+        finally:
+            closed.set()  # a no-op once generation is over; else the reader left and generation stops
         thread.join()
         if "error" in result:
             raise result["error"]
         rest = pieces.finish(result["completion"].text)
         if rest:
             yield rest
+        return result["completion"]
 
     def logits(
         self, input_ids: torch.Tensor, adapters: Sequence[str | None] | str | None = None
@@ -338,6 +353,10 @@ class AdapterSet:
 
         with self._lock, torch.no_grad():
             return classify_rows(self._peft, adapter, loaded.head, loaded.tokenizer, list(texts))
+
+
+class _StreamClosed(Exception):
+    """Raised inside generate() by the token callback of a stream whose reader has gone."""
 
 
 def _check_name(name: str) -> None:
