@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from qlora_lite.cli.classify import add_classify_parsers
 
     add_classify_parsers(sub)
+    from qlora_lite.cli.adapters import add_adapter_parsers
+
+    add_adapter_parsers(sub)
     from qlora_lite.cli.serve import add_serve_parser
 
     add_serve_parser(sub)
@@ -232,6 +235,10 @@ def _handler(command: str):
         from qlora_lite.cli.serve import run_serve
 
         return run_serve
+    from qlora_lite.cli.adapters import COMMANDS as adapter_commands
+
+    if command in adapter_commands:
+        return adapter_commands[command]
     from qlora_lite.cli.classify import COMMANDS as classify_commands
 
     return classify_commands[command]

@@ -37,6 +37,8 @@ class AdapterSource:
     @property
     def base(self) -> str | None:
         """The base model to load for it: the recorded folder when it exists here, else its Hub id."""
+        if self.record is None:  # a plain PEFT folder names its base in its config
+            return self.config.get("base_model_name_or_path")
         return _base_of(self.folder, self.record)
 
     @property
@@ -128,3 +130,8 @@ def _same_path(a: Any, b: Any) -> bool:
         return False
     pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a folder holds a saved tokenizer (run folders do; plain PEFT folders often do not)."""
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -9,6 +9,7 @@ PEFT's per-row `adapter_names` ("__base__" for the plain base), and one lock ser
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -21,7 +22,7 @@ import torch
 
 from qlora_lite.data.encoding import ensure_chat_template
 from qlora_lite.errors import UserError
-from qlora_lite.inference.adapter_source import AdapterSource, base_mismatch, read_adapter
+from qlora_lite.inference.adapter_source import AdapterSource, base_mismatch, has_tokenizer, read_adapter
 from qlora_lite.inference.decoding import Completion, Prompt, TextStream, complete, eos_ids, folder_eos_ids
 from qlora_lite.model.loading import load_base_model, load_tokenizer, resolve_model
 
@@ -111,9 +112,7 @@ class AdapterSet:
                 )
             source = read_adapter(path_or_id, revision)
             self._check(name, source)
-            tokenizer = (
-                load_tokenizer(str(source.folder)) if _has_tokenizer(source.folder) else self.tokenizer
-            )
+            tokenizer = load_tokenizer(str(source.folder)) if has_tokenizer(source.folder) else self.tokenizer
             ensure_chat_template(tokenizer)
             loaded = _Loaded(
                 source, tokenizer, eos_ids(self._model, tokenizer, folder_eos_ids(source.folder))
@@ -178,6 +177,38 @@ class AdapterSet:
         if loaded.head is not None:
             out["labels"] = list(loaded.head.labels)
         return out
+
+    def source(self, name: str) -> AdapterSource:
+        """Where adapter `name` came from: its folder, PEFT config and run record."""
+        return self._get(name).source
+
+    def tokenizer_for(self, name: str | None) -> Any:
+        """The tokenizer prompts for `name` are built with (its run folder's; the base's for None)."""
+        return self.tokenizer if name in BASE_NAMES else self._get(name).tokenizer
+
+    def combine(
+        self,
+        name: str,
+        adapters: Sequence[str],
+        *,
+        method: str = "cat",
+        weights: Sequence[float] | None = None,
+        density: float | None = None,
+    ) -> None:
+        """Add `name`, a combination of loaded adapters (PEFT add_weighted_adapter, guarded: see combine.py)."""
+        from qlora_lite.inference.combine import add_combined
+
+        _check_name(name)
+        with self._lock:
+            inputs = [self._get(n) for n in adapters]
+            if any(i.source.task != "causal_lm" for i in inputs):
+                raise UserError("only causal_lm adapters can be combined; classifiers keep their own heads")
+            add_combined(self._peft, list(adapters), name, method=method, weights=weights, density=density)
+            first = inputs[0].source
+            config = json.loads(json.dumps(self._peft.peft_config[name].to_dict(), default=sorted))
+            source = AdapterSource(first.folder, f"{method}({', '.join(adapters)})", config, first.record)
+            eos = list(dict.fromkeys(t for i in inputs for t in i.eos))
+            self._adapters[name] = _Loaded(source, inputs[0].tokenizer, eos)
 
     def _get(self, name: str) -> _Loaded:
         if name not in self._adapters:
@@ -338,10 +369,6 @@ def _check_name(name: str) -> None:
         name in "lora_"
     ):  # PEFT finds weights by substring: such a name can reinitialise other adapters' weights
         raise UserError(f"adapter name {name!r} is part of PEFT's weight prefix 'lora_': pick a longer name")
-
-
-def _has_tokenizer(folder: Any) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def _identity(base_id: str, revision: str | None) -> dict[str, Any]:
