@@ -31,11 +31,16 @@ def lora(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(lora):
+def adapter_set(lora):
     from qlora_lite.inference.adapters import AdapterSet
 
     base, paths = lora
-    with running(AdapterSet(base, paths, quantization=QUANTIZATION)) as handle:
+    return AdapterSet(base, paths, quantization=QUANTIZATION)
+
+
+@pytest.fixture(scope="module")
+def server(adapter_set):
+    with running(adapter_set) as handle:
         yield handle
 
 
@@ -317,3 +322,31 @@ def main_exit_for_bad_adapter_flag() -> int:
     with pytest.raises(SystemExit) as caught:
         main(["serve", "--adapter", "no-equals-sign"])
     return caught.value.code
+
+
+def test_model_auto_asks_the_router_and_says_which_adapter_answered(adapter_set, server, tmp_path):
+    from qlora_lite.inference.router import Router
+
+    path = Router.from_keywords({"alpha": ["fox"], "beta": ["dog"]}).save(tmp_path / "router.json")
+    with running(adapter_set, router=str(path)) as handle:
+        assert "auto" in {m.id for m in client(handle).models.list()}
+        for text, expected in (("Tell me about the fox.", "alpha"), ("Tell me about the dog.", "beta")):
+            messages = [{"role": "user", "content": text}]
+            routed = chat(handle, "auto", messages=messages)
+            assert routed.model == expected and routed.model_extra["route"]["adapter"] == expected
+            assert (
+                routed.choices[0].message.content
+                == chat(server, expected, messages=messages).choices[0].message.content
+            )
+            chunks = list(chat(handle, "auto", messages=messages, stream=True))
+            assert {c.model for c in chunks} == {expected}
+        fallback = chat(handle, "auto", messages=[{"role": "user", "content": "Hello there"}])
+        assert fallback.model == adapter_set.base_id and fallback.model_extra["route"]["adapter"] is None
+        assert "threshold" in fallback.model_extra["route"]["reason"]
+    with pytest.raises(openai.NotFoundError):  # no router, no "auto"
+        chat(server, "auto")
+    from qlora_lite.errors import UserError
+
+    wrong = Router.from_keywords({"gamma": ["cat"]}).save(tmp_path / "wrong.json")
+    with pytest.raises(UserError, match="gamma"):
+        running(adapter_set, router=str(wrong)).__enter__()
