@@ -17,8 +17,10 @@ from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.demo.run import run_demo
 from qlora_lite.errors import UserError
 from qlora_lite.hub.push import push, resolve_adapter
+from qlora_lite.inference.adapters import AdapterSet, Completion
 from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.inference.generation import Generator, generate
+from qlora_lite.inference.server import serve
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.planner.memory import estimate_memory
 from qlora_lite.planner.planning import Plan, plan
@@ -32,6 +34,8 @@ install_moved_module_finder()
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterSet",
+    "Completion",
     "ClassifierResult",
     "Generator",
     "HardwareProfile",
@@ -51,6 +55,7 @@ __all__ = [
     "push",
     "resolve_adapter",
     "run_demo",
+    "serve",
     "train",
     "train_classifier",
 ]

@@ -1,6 +1,7 @@
 """`qlora-lite`: the parser assembled from one module per command group, dispatch, and logging setup.
 
-Each command module (cli/train.py, plan.py, classify.py, generate.py, hub.py, doctor.py, demo.py) has
+Each command module (cli/train.py, plan.py, classify.py, generate.py, hub.py, doctor.py, demo.py,
+adapters.py, serve.py) has
 `add_parsers(subparsers)` and `COMMANDS` (name -> handler); a new command group is one module listed in
 COMMAND_MODULES. Handlers raise UserError for anything the user can fix: exit status 2, one line.
 """
@@ -13,12 +14,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from qlora_lite.cli import classify, demo, doctor, generate, hub, plan, train
+from qlora_lite.cli import adapters, classify, demo, doctor, generate, hub, plan, serve, train
 from qlora_lite.errors import UserError
 
 log = logging.getLogger("qlora_lite")
 
-COMMAND_MODULES = (doctor, train, generate, demo, plan, hub, classify)
+COMMAND_MODULES = (doctor, train, generate, demo, plan, hub, classify, adapters, serve)
 COMMANDS = {name: handler for module in COMMAND_MODULES for name, handler in module.COMMANDS.items()}
 
 

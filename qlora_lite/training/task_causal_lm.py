@@ -133,8 +133,9 @@ class CausalLM:
         )
         held, _ = encode_mod.encode_dataset(eval_items, tokenizer, max_seq_length, train_on=config.train_on)
         fingerprint = data_mod.fingerprint(self.records, self.spec)
+        sample = data_mod.prompt_sample(train_items)
         return PreparedData(
-            self.spec, fingerprint, train, held, stats, len(self.records), eval_items, lengths=stats.lengths
+            self.spec, fingerprint, train, held, stats, len(self.records), eval_items, sample, stats.lengths
         )
 
     def plan_knobs(self) -> dict[str, Any]:

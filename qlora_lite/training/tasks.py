@@ -54,6 +54,7 @@ class PreparedData:
     stats: Any  # n_truncated, n_dropped
     n_records: int
     eval_conversations: list = field(default_factory=list)
+    router_sample: list = field(default_factory=list)  # training prompts kept in the record for routing
     lengths: list[int] = field(default_factory=list)
 
 
