@@ -162,7 +162,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     else:
         result = train(saved["model"], saved["data"], str(run_dir), **settings)
-    print_result(result)
+    from qlora_lite.training.distributed import ranks_from_environment
+
+    if ranks_from_environment().is_main:  # under torchrun: one answer, from rank 0
+        print_result(result)
     return 0
 
 
