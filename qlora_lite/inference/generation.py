@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qlora_lite.data.encoding import ensure_chat_template, prompt_ids
+from qlora_lite.data.templates import stop_strings, stop_token_ids
 from qlora_lite.model.loading import load_for_inference
 
 Prompt = str | Sequence[dict[str, str]]  # a plain prompt, or a chat as [{"role": ..., "content": ...}, ...]
@@ -84,9 +85,15 @@ def generate_batch(
         attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
+        # The model's EOS and the template's end-of-turn: a model that learned `<|im_end|>` but whose EOS is
+        # `<|endoftext|>` (Qwen2.5 base, any model on the ChatML fallback) stops after its answer.
+        eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)),
         **kwargs,
     )
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    for marker in stop_strings(tokenizer):  # an end-of-turn learned as several tokens: cut there
+        texts = [text.split(marker, 1)[0] for text in texts]
+    return [text.strip() for text in texts]
 
 
 def generate(
