@@ -12,6 +12,7 @@ import qlora_lite
 from qlora_lite.data.encoding import prompt_ids
 from qlora_lite.errors import UserError
 from qlora_lite.inference.adapters import AdapterSet, Completion
+from qlora_lite.inference.router import Router
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke about cats and dogs", "1 2 3 4 5 6 7 8"]
 
@@ -97,6 +98,9 @@ def test_generate_equals_the_generator_of_a_trained_run(tiny_model, tmp_path):
     assert adapters.generate(["Say the number 3"], max_new_tokens=10)[0].text == base
     info = adapters.info("numbers")
     assert info["task"] == "causal_lm" and info["rank"] == 4 and info["quantization"] == "nf4"
+    # The run keeps a sample of its training prompts, so a router can tell its domain without the data file.
+    assert "Say the number" in json.loads((run / "run_record.json").read_text())["router_sample"][0]
+    assert Router.from_adapters({"numbers": run}).route("Say the number 12").adapter == "numbers"
 
 
 def test_refusals_name_the_reason(tiny_model, adapter_dirs):

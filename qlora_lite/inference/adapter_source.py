@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import _base_of, read_run_record
+from qlora_lite.model.loading import base_model_of, read_run_record
 from qlora_lite.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TASKS = {None: "causal_lm", "CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
@@ -37,7 +37,9 @@ class AdapterSource:
     @property
     def base(self) -> str | None:
         """The base model to load for it: the recorded folder when it exists here, else its Hub id."""
-        return _base_of(self.folder, self.record)
+        if self.record is None:  # a plain PEFT folder names its base in its config
+            return self.config.get("base_model_name_or_path")
+        return base_model_of(self.folder, self.record)
 
     @property
     def base_identity(self) -> dict[str, Any]:
@@ -128,3 +130,8 @@ def _same_path(a: Any, b: Any) -> bool:
         return False
     pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a folder holds a saved tokenizer (run folders do; plain PEFT folders often do not)."""
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -9,6 +9,7 @@ PEFT's per-row `adapter_names` ("__base__" for the plain base), and one lock ser
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -21,7 +22,7 @@ import torch
 
 from qlora_lite.data.encoding import ensure_chat_template
 from qlora_lite.errors import UserError
-from qlora_lite.inference.adapter_source import AdapterSource, base_mismatch, read_adapter
+from qlora_lite.inference.adapter_source import AdapterSource, base_mismatch, has_tokenizer, read_adapter
 from qlora_lite.inference.decoding import Completion, Prompt, TextStream, complete, eos_ids, folder_eos_ids
 from qlora_lite.model.loading import load_base_model, load_tokenizer, resolve_model
 
@@ -111,9 +112,7 @@ class AdapterSet:
                 )
             source = read_adapter(path_or_id, revision)
             self._check(name, source)
-            tokenizer = (
-                load_tokenizer(str(source.folder)) if _has_tokenizer(source.folder) else self.tokenizer
-            )
+            tokenizer = load_tokenizer(str(source.folder)) if has_tokenizer(source.folder) else self.tokenizer
             ensure_chat_template(tokenizer)
             loaded = _Loaded(
                 source, tokenizer, eos_ids(self._model, tokenizer, folder_eos_ids(source.folder))
@@ -178,6 +177,38 @@ class AdapterSet:
         if loaded.head is not None:
             out["labels"] = list(loaded.head.labels)
         return out
+
+    def source(self, name: str) -> AdapterSource:
+        """Where adapter `name` came from: its folder, PEFT config and run record."""
+        return self._get(name).source
+
+    def tokenizer_for(self, name: str | None) -> Any:
+        """The tokenizer prompts for `name` are built with (its run folder's; the base's for None)."""
+        return self.tokenizer if name in BASE_NAMES else self._get(name).tokenizer
+
+    def combine(
+        self,
+        name: str,
+        adapters: Sequence[str],
+        *,
+        method: str = "cat",
+        weights: Sequence[float] | None = None,
+        density: float | None = None,
+    ) -> None:
+        """Add `name`, a combination of loaded adapters (PEFT add_weighted_adapter, guarded: see combine.py)."""
+        from qlora_lite.inference.combine import add_combined
+
+        _check_name(name)
+        with self._lock:
+            inputs = [self._get(n) for n in adapters]
+            if any(i.source.task != "causal_lm" for i in inputs):
+                raise UserError("only causal_lm adapters can be combined; classifiers keep their own heads")
+            add_combined(self._peft, list(adapters), name, method=method, weights=weights, density=density)
+            first = inputs[0].source
+            config = json.loads(json.dumps(self._peft.peft_config[name].to_dict(), default=sorted))
+            source = AdapterSource(first.folder, f"{method}({', '.join(adapters)})", config, first.record)
+            eos = list(dict.fromkeys(t for i in inputs for t in i.eos))
+            self._adapters[name] = _Loaded(source, inputs[0].tokenizer, eos)
 
     def _get(self, name: str) -> _Loaded:
         if name not in self._adapters:
@@ -254,7 +285,10 @@ class AdapterSet:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Text pieces as they are generated; joined, they equal `generate([prompt], adapter)[0].text`."""
+        """Text pieces as they are generated; joined, they equal `generate([prompt], adapter)[0].text`.
+
+        The generator returns that `Completion` (token counts, finish reason) as its StopIteration value.
+        Closing it early (a streaming client went away) ends the generation at its next token."""
         rows = self._rows(adapter, 1)
         loaded = self._adapters[rows[0]] if rows[0] else None
         tokenizer = loaded.tokenizer if loaded else self.tokenizer
@@ -264,10 +298,18 @@ class AdapterSet:
         )
         tokens: queue.Queue = queue.Queue()
         result: dict[str, Any] = {}
+        closed = threading.Event()
+
+        def on_token(token: int) -> None:
+            if closed.is_set():
+                raise _StreamClosed  # stops generate() inside its loop, which releases the model's lock
+            tokens.put(token)
 
         def work() -> None:
             try:
-                result["completion"] = self._complete([prompt], rows, on_token=tokens.put, **options)[0]
+                result["completion"] = self._complete([prompt], rows, on_token=on_token, **options)[0]
+            except _StreamClosed:
+                pass
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread below
                 result["error"] = exc
             finally:
@@ -275,16 +317,20 @@ class AdapterSet:
 
         thread = threading.Thread(target=work, name="qlora-lite-stream", daemon=True)
         thread.start()
-        while (token := tokens.get()) is not None:
-            piece = pieces.push(token)
-            if piece:
-                yield piece
+        try:
+            while (token := tokens.get()) is not None:
+                piece = pieces.push(token)
+                if piece:
+                    yield piece
+        finally:
+            closed.set()  # a no-op once generation is over; else the reader left and generation stops
         thread.join()
         if "error" in result:
             raise result["error"]
         rest = pieces.finish(result["completion"].text)
         if rest:
             yield rest
+        return result["completion"]
 
     def logits(
         self, input_ids: torch.Tensor, adapters: Sequence[str | None] | str | None = None
@@ -309,6 +355,10 @@ class AdapterSet:
             return classify_rows(self._peft, adapter, loaded.head, loaded.tokenizer, list(texts))
 
 
+class _StreamClosed(Exception):
+    """Raised inside generate() by the token callback of a stream whose reader has gone."""
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name.strip() or name in BASE_NAMES or any(c in name for c in " /\\."):
         raise UserError(
@@ -319,10 +369,6 @@ def _check_name(name: str) -> None:
         name in "lora_"
     ):  # PEFT finds weights by substring: such a name can reinitialise other adapters' weights
         raise UserError(f"adapter name {name!r} is part of PEFT's weight prefix 'lora_': pick a longer name")
-
-
-def _has_tokenizer(folder: Any) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def _identity(base_id: str, revision: str | None) -> dict[str, Any]:
