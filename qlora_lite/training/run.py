@@ -180,7 +180,9 @@ def run(config: TrainConfig) -> TrainResult:
 
 
 def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
-    data_source = pin_data_source(config.data)  # a Hub data set: pinned to its commit before reading
+    data_source = pin_data_source(
+        config.data, config.data_config, config.data_split
+    )  # a Hub data set: pinned to its commit before reading
     records, spec = data_mod.load_dataset_for_training(
         data_source, format=config.format, columns=config.columns
     )
@@ -200,10 +202,10 @@ def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
 
         hardware = get_profile(config.hardware) if config.hardware else detect(out)
     hardware = dp.rank_hardware(hardware, ranks)  # each rank plans for its own device
-    source = resolve_model_source(config.model)  # a Hub id: config.json only, pinned to a commit
+    source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
     model_path = source.name
     tokenizer = load_tokenizer(source)
-    template = apply_chat_template_choice(tokenizer, getattr(config, "chat_template", None))
+    template = apply_chat_template_choice(tokenizer, config.chat_template)
 
     unbounded = prepare_data(config, tokenizer, None, records, spec)
     identity = run_identity(config, model_identity(source), unbounded.fingerprint)
