@@ -137,6 +137,11 @@ def _knob(name: str, parse: Callable, help: str, **kw: Any) -> Option:
 
 
 OPTIONS: tuple[Option, ...] = (
+    # where the model and data come from (a Hub model's revision; a Hub data set's config and split)
+    Option("model_revision", str, None, "branch, tag or commit of a Hub model (or --model org/name@REV)", commands=EVERYWHERE),
+    Option("data_config", str, None, "config (subset) of a Hub data set given as --data org/name", commands=EVERYWHERE, resume="match"),
+    Option("data_split", str, None, "split of a Hub data set (default: train)", commands=EVERYWHERE, resume="match"),
+    Option("chat_template", str, None, "the tokenizer's own (default; ChatML if it has none), chatml, llama3, gemma, or a Jinja file", commands=frozenset({TRAIN}), resume="match"),
     # data
     Option("format", str, None, "data format (default: detected)", commands=frozenset({TRAIN}), resume="match"),
     Option("columns", columns_arg, None, "which column holds which role, e.g. output=answer", metavar="ROLE=COL,..."),

@@ -77,12 +77,14 @@ def test_each_command_has_a_flag_for_each_of_its_options_and_reads_it_back():
 
 
 def test_planner_knobs_are_the_declared_ones_and_the_plan_flags_are_the_knobs():
-    assert set(KNOBS) == set(options.PLANNER_KNOBS) | {"task", "num_labels"}
-    assert {o.name for o in options.for_command("plan")} == set(options.PLANNER_KNOBS)
+    assert set(KNOBS) == set(options.PLANNER_KNOBS) | {"task", "num_labels", "world_size", "fsdp"}
+    sources = {"model_revision", "data_config", "data_split"}  # where the model and data come from
+    assert {o.name for o in options.for_command("plan")} == set(options.PLANNER_KNOBS) | sources
     # Resume: what must match and what a resumed run keeps did not change with the declaration.
     assert set(options.IDENTITY_SETTINGS) == {
         "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
-        "seed", "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format",
+        "seed", "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format", "chat_template", "data_config",
+        "data_split",
     }  # fmt: skip
     assert set(options.KEPT_ON_RESUME) == {
         "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",

@@ -10,6 +10,7 @@ from typing import Any
 
 from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.data import formats as data_mod
+from qlora_lite.data.hub_dataset import pin_data_source
 from qlora_lite.training.run import run
 from qlora_lite.training.task_causal_lm import CausalLM
 from qlora_lite.training.task_classifier import Classification, ClassifierResult
@@ -36,12 +37,11 @@ def task_for(config: TrainConfig) -> Task:
 
     The file is read once here; the causal-LM task keeps the records it was given.
     """
-    records, spec = data_mod.load_dataset_for_training(
-        config.data, format=config.format, columns=config.columns
-    )
+    source = pin_data_source(config.data, config.data_config, config.data_split)  # a Hub data set: its commit
+    records, spec = data_mod.load_dataset_for_training(source, format=config.format, columns=config.columns)
     if spec.task == "classification":
         return Classification()
-    return CausalLM(records, spec)
+    return CausalLM(records, spec, source)
 
 
 def train(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainResult:
