@@ -251,6 +251,11 @@ def load_for_inference(
     if adapter is not None:
         from peft import PeftModel
 
+        config = Path(adapter) / "adapter_config.json"
+        if config.is_file() and json.loads(config.read_text()).get("use_dora"):
+            keep_4bit_weights_differentiable(
+                base_model
+            )  # DoRA norms of repacked bytes: see qlora_lite.compat
         base_model = PeftModel.from_pretrained(base_model, str(adapter))
     base_model.config.use_cache = True  # training turns the KV cache off; generation wants it
     base_model.eval()

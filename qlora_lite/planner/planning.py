@@ -427,6 +427,6 @@ def plan(
         message=message,
         num_labels=base["num_labels"],
         peft=replace(peft, r=base["lora_r"], target_modules=base["lora_target_modules"]).to_record(),
-        estimated_init_seconds=round(init_s, 1),
+        estimated_init_seconds=round(init_s, 3),
         shape=shape,
     )
