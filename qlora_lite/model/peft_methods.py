@@ -97,6 +97,15 @@ class PeftSettings:
         return data
 
     @classmethod
+    def checked(cls, value: PeftSettings | dict | None) -> PeftSettings:
+        """Settings (or their record) with every problem raised as one UserError."""
+        settings = value if isinstance(value, PeftSettings) else cls.from_record(value)
+        problems = settings.problems()
+        if problems:
+            raise UserError("invalid PEFT settings: " + "; ".join(problems))
+        return settings
+
+    @classmethod
     def from_record(cls, data: dict[str, Any] | None) -> PeftSettings:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in (data or {}).items() if k in known}
@@ -342,8 +351,30 @@ def get_method(name: str) -> PeftMethod:
         raise UserError(f"peft_method {name!r} is not one of {', '.join(METHODS)}") from None
 
 
-def is_attention_shape_layer(name: str) -> bool:
-    return name in _ATTENTION_LEAVES
+def shape_targets(shape: Any, target_modules: str | Sequence[str]) -> tuple[Any, ...]:
+    """The per-layer Linear layers LoRA attaches to ('all-linear': all of them, never lm_head)."""
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        return shape.layer_linears
+    if target_modules in ("attention", "mlp"):  # presets: the attention projections, or the rest
+        want = target_modules == "attention"
+        return tuple(layer for layer in shape.layer_linears if (layer.name in _ATTENTION_LEAVES) == want)
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    chosen = [
+        layer
+        for layer in shape.layer_linears
+        if any(layer.name.split(".")[-1] == n or layer.name == n for n in names)
+    ]
+    unknown = [
+        n
+        for n in names
+        if not any(layer.name.split(".")[-1] == n or layer.name == n for layer in shape.layer_linears)
+    ]
+    if unknown:
+        known = ", ".join(layer.name for layer in shape.layer_linears)
+        raise UserError(
+            f"LoRA target modules {', '.join(unknown)} are not in this model ({shape.model_type}: {known})"
+        )
+    return tuple(chosen)
 
 
 def preset_names(preset: str, names: Sequence[str], is_attention) -> list[str]:  # noqa: ANN001
