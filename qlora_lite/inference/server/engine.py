@@ -86,9 +86,10 @@ class Job:
         self.loop.call_soon_threadsafe(_settle, self.future, value, None)
 
     def fail(self, exc: BaseException) -> None:
-        if self.kind == "stream":
+        if self.kind == "stream":  # a stream's handler reads only its events
             self.emit("error", exc)
-        self.loop.call_soon_threadsafe(_settle, self.future, None, exc)
+        else:
+            self.loop.call_soon_threadsafe(_settle, self.future, None, exc)
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
