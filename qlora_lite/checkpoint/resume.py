@@ -48,8 +48,9 @@ def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, A
     """What must match for a checkpoint to continue this run (paths may differ between machines)."""
     return {
         "base_model": {
+            "hub_id": base_model.get("hub_id"),  # another model is another run, even at an equal commit
             "config_sha256": base_model.get("config_sha256"),
-            "revision": base_model.get("revision"),
+            "revision": base_model.get("revision"),  # the Hub commit sha, or a hash of the local files
         },
         "data_fingerprint": data_fingerprint,
         "settings": {name: getattr(config, name) for name in IDENTITY_SETTINGS},
