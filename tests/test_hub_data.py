@@ -148,3 +148,42 @@ def test_a_classifier_pushed_to_the_hub_classifies_by_id(hub_server, tiny_model,
 
     by_id = qlora_lite.classify("user/feelings", ["I love it", "I hate it"])
     assert [r["label"] for r in by_id] == [r["label"] for r in local]
+
+
+def test_the_cli_flags_for_hub_sources_and_the_chat_template(hub_server, tiny_model, tmp_path, capsys):
+    first = hub_server.add_folder("org/tiny", tiny_model)
+    hub_server.add_commit("org/tiny", {"README.md": "# later\n"})
+    sha = publish_dataset(hub_server)
+    out = tmp_path / "run"
+    argv = [
+        "train", "--model", "org/tiny", "--model-revision", first, "--data", "org/numbers", "--data-split",
+        "test", "--chat-template", "llama3", "--output", str(out), "--max-steps", "1", "--micro-batch-size",
+        "1", "--effective-batch-size", "1", "--lora-r", "4", "--no-progress", "--eval-fraction", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((out / "run_record.json").read_text())
+    assert record["base_model"]["revision"] == first
+    assert (record["data"]["hub_id"], record["data"]["revision"], record["data"]["split"]) == (
+        "org/numbers",
+        sha,
+        "test",
+    )
+    assert record["data"]["records"] == len(TEST_ROWS)
+    assert record["chat_template"] == {"template": "llama3", "end_of_turn": "<|eot_id|>"}
+    assert "<|eot_id|>" in (out / "chat_template.jinja").read_text()
+    assert record["identity"]["settings"]["chat_template"] == "llama3"
+    capsys.readouterr()
+    argv = [
+        "plan",
+        "--model",
+        "org/tiny",
+        "--data",
+        "org/numbers",
+        "--data-split",
+        "test",
+        "--gpu",
+        "t4",
+        "--json",
+    ]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == len(TEST_ROWS)

@@ -40,7 +40,7 @@ ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP = (
 # The settings that define a run: a checkpoint made with other values belongs to another run.
 IDENTITY_SETTINGS = (
     "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format",
+    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format", "chat_template", "data_config", "data_split",
 )  # fmt: skip
 
 

@@ -258,7 +258,7 @@ def run_classifier(
     data = cdata.load_labeled_data(config, labels=labels, eval_data=eval_data)  # validated before any write
     weights = cdata.resolve_class_weights(class_weights, data.mapping, data.train_ids)
     cdata.log_distribution(data, weights)
-    source = resolve_model_source(config.model)  # a Hub id: config.json only, pinned to a commit
+    source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
     model_path = source.name
     tokenizer = load_tokenizer(source)
     identity = run_identity(config, model_identity(source), data.fingerprint)
