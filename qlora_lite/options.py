@@ -7,10 +7,10 @@ Derived from `OPTIONS` (nothing else lists options by hand):
 - what a resumed run must match (`resume="match"`, the run identity) or keeps from its checkpoint's plan
   (`resume="kept"`) (qlora_lite.checkpoint.resume, qlora_lite.training.run),
 - the settings rows of a pushed adapter's model card (`card=`; qlora_lite.hub.card),
-- the `peft.LoraConfig` keywords a LoRA option sets (`lora=`; qlora_lite.model.loading).
+- the PEFT method settings (`peft=`: the `PeftSettings` field it sets; qlora_lite.model.peft_methods).
 
-Adding a LoRA option that maps to a `peft.LoraConfig` keyword is one `Option(...)` below (plus a test);
-see docs/architecture.md for the other kinds.
+A new LoRA option is three edits: one `Option(..., peft="field")` below, the field on `PeftSettings`, and
+its use in the method's `peft_config` (qlora_lite/model/peft_methods.py). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_lite.model.peft_methods import INITS, LORA_METHODS, METHODS, TARGET_PRESETS
 from qlora_lite.planner.memory import ATTENTION, COMPUTE_DTYPES, OPTIMIZER_STATE_BYTES, QUANTIZATIONS
 
 TRAIN, PLAN, CLASSIFY = "train", "plan", "train-classifier"
@@ -42,11 +43,22 @@ def on_off(value: str) -> bool:
 
 
 def modules_arg(value: str) -> str | list[str]:
-    """`q_proj,v_proj` -> ["q_proj", "v_proj"]; `all-linear` stays a string."""
+    """`q_proj,v_proj` -> ["q_proj", "v_proj"]; a preset (all-linear, attention, mlp) stays a string."""
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give module names separated by commas, or all-linear")
-    return "all-linear" if names == ["all-linear"] else names
+    return names[0] if len(names) == 1 and names[0] in TARGET_PRESETS else names
+
+
+def pattern_arg(value: str) -> dict[str, int]:
+    """`down_proj=8,layers\\.0\\.=4` -> {"down_proj": 8, "layers\\.0\\.": 4} (module-name regex = integer)."""
+    pattern = {}
+    for pair in value.split(","):
+        key, sep, number = pair.rpartition("=")
+        if not sep or not key.strip() or not number.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"want NAME_REGEX=INTEGER pairs like down_proj=8, got {pair!r}")
+        pattern[key.strip()] = int(number)
+    return pattern
 
 
 def columns_arg(value: str) -> dict[str, str]:
@@ -106,13 +118,16 @@ class Option:
     choices: tuple | None = None
     check: Check | None = None
     planner: bool = False  # plan() takes it as a fixed knob; unset, the planner chooses (and explains)
-    resume: str = "free"  # "match": part of the run's identity; "kept": restored from the checkpoint's plan
+    # "match": part of the run's identity; "match_if_set": part of it when not at its default (checkpoints made
+    # before the option existed stay valid); "kept": restored from the checkpoint's plan; "free": may change.
+    resume: str = "free"
     commands: frozenset = TRAINING  # the CLI commands that have its flag
     flag: str | None = None  # default: --name-with-dashes
+    aliases: tuple[str, ...] = ()  # further flag names
     action: str | None = None  # argparse action for flags without a value (store_true / store_false)
     metavar: str | None = None
     card: str | None = None  # the model card row that shows it
-    lora: str | None = None  # the peft.LoraConfig keyword it sets
+    peft: str | None = None  # the PeftSettings field it sets (qlora_lite.model.peft_methods)
 
     @property
     def cli_flag(self) -> str:
@@ -161,9 +176,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("sample_generations", int, 3, "held-out answers shown side by side before/after", check=at_least(0), commands=frozenset({TRAIN})),
     # LoRA (rank and targets are planner knobs too: they change memory)
     _knob("lora_r", int, "LoRA rank", check=POSITIVE_INT, resume="kept", card="LoRA rank"),
-    Option("lora_alpha", int, None, "LoRA alpha (default: 2 x rank)", resume="match", card="LoRA alpha"),
-    Option("lora_dropout", float, 0.05, "dropout on the LoRA input", check=between(0, 1, "[0, 1)"), resume="match", card="LoRA dropout"),
-    _knob("lora_target_modules", modules_arg, "modules that get LoRA", metavar="a,b,...|all-linear", resume="kept", card="LoRA targets"),
+    Option("lora_alpha", int, None, "LoRA alpha (default: 2 x rank)", resume="match", card="LoRA alpha", peft="alpha"),
+    Option("lora_dropout", float, 0.05, "dropout on the LoRA input", check=between(0, 1, "[0, 1)"), resume="match", card="LoRA dropout", peft="dropout"),
+    _knob("lora_target_modules", modules_arg, "modules that get LoRA: a preset or names", metavar="all-linear|attention|mlp|a,b,...", aliases=("--target-modules",), resume="kept", card="LoRA targets"),
+    # PEFT method (model/peft_methods.py says what each costs; the planner accounts for it). Unset: plain LoRA.
+    Option("peft_method", str, "lora", "the PEFT method", choices=tuple(METHODS), commands=EVERYWHERE, resume="match_if_set", peft="method"),
+    Option("lora_method", str, "lora", "dora: weight-decomposed LoRA", choices=LORA_METHODS, commands=EVERYWHERE, resume="match_if_set", peft="lora_method"),
+    Option("rslora", bool, False, "scale by alpha/sqrt(r) instead of alpha/r", action="store_true", commands=EVERYWHERE, resume="match_if_set", peft="rslora"),
+    Option("lora_plus_ratio", float, None, "LoRA+: B matrices learn at R x the learning rate", metavar="R", check=above(0), commands=EVERYWHERE, resume="match_if_set", peft="lora_plus_ratio"),
+    Option("init_lora_weights", str, "default", "LoRA init (default: A random, B zero)", choices=tuple(INITS), commands=EVERYWHERE, resume="match_if_set", peft="init"),
+    Option("loftq_iter", int, 1, "LoftQ alternations", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="loftq_iter"),
+    Option("rank_pattern", pattern_arg, None, "per-layer ranks", metavar="REGEX=R,...", commands=EVERYWHERE, resume="match_if_set", peft="rank_pattern"),
+    Option("alpha_pattern", pattern_arg, None, "per-layer alphas", metavar="REGEX=A,...", commands=EVERYWHERE, resume="match_if_set", peft="alpha_pattern"),
+    Option("num_virtual_tokens", int, 20, "virtual tokens of prompt/prefix tuning", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="num_virtual_tokens"),
     # planner knobs
     _knob("quantization", str, "base weights: 4-bit NF4, 8-bit or none", choices=QUANTIZATIONS, resume="kept", card="quantization"),
     _knob("double_quant", on_off, "quantize the 4-bit scales too", metavar="on|off", check=BOOL, resume="kept", card="double quantization"),
@@ -191,6 +216,8 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 PLANNER_KNOBS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.planner)
 IDENTITY_SETTINGS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.resume == "match")
+IDENTITY_SETTINGS_IF_SET: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.resume == "match_if_set")
+PEFT_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.peft)
 KEPT_ON_RESUME: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.resume == "kept")
 
 
@@ -214,9 +241,9 @@ def problems(settings: dict[str, Any], labels: dict[str, str] | None = None) -> 
     return found
 
 
-def lora_keywords(settings: dict[str, Any]) -> dict[str, Any]:
-    """The `peft.LoraConfig` keywords the LoRA options set (those declared with `lora=`)."""
-    return {o.lora: settings[o.name] for o in OPTIONS if o.lora and o.name in settings}
+def peft_fields(settings: dict[str, Any]) -> dict[str, Any]:
+    """`PeftSettings` keywords from option values (the options declared with `peft=`)."""
+    return {o.peft: settings[o.name] for o in OPTIONS if o.peft and o.name in settings}
 
 
 def names(options: Iterable[Option]) -> list[str]:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qlora_lite.cli.flags import add_option_flags, settings_from_args
+from qlora_lite.config import peft_settings
 from qlora_lite.options import PLAN, planner_settings
 
 LengthsFn = Callable[..., list[int]]
@@ -62,7 +63,7 @@ def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = Non
     from qlora_lite.planner.planning import plan
 
     given = settings_from_args(args, PLAN)
-    fixed = planner_settings(given)
+    fixed = {**planner_settings(given), "peft": peft_settings(given)}
     fixed.update({k: getattr(args, k) for k in ("world_size", "fsdp") if getattr(args, k, None) is not None})
     # A Hub id: its config.json only, pinned to a commit.
     model = resolve_model_source(args.model, given.get("model_revision"))

@@ -92,7 +92,7 @@ def setting_rows(record: dict) -> list[tuple[str, Any]]:
         if option.card:
             value = plan.get(option.name, hp.get(option.name))
             if value is None:  # e.g. lora_alpha None: the record's "lora" holds what was used
-                value = lora.get(option.name.removeprefix("lora_"), lora.get(option.lora or ""))
+                value = lora.get(option.name.removeprefix("lora_"))
             rows.append((option.card, value))
     return rows
 
@@ -113,8 +113,12 @@ def render_model_card(
     base_id = base_model or base_hub_id(record)
     quant = record.get("quantization") or {}
     plan, data, metrics = record.get("plan") or {}, record.get("data") or {}, record.get("metrics") or {}
+    peft = record.get("peft") or {"method": "lora", "description": "LoRA"}
+    method_tag = {"lora": "dora" if peft.get("lora_method") == "dora" else "lora"}.get(
+        peft.get("method", "lora"), str(peft.get("method", "lora")).replace("_", "-")
+    )
+    tags = ["qlora_lite", "peft", method_tag] + (["qlora"] if quant.get("method") in ("nf4", "int8") else [])
     classifier = record.get("task") == "classification"
-    tags = ["qlora_lite", "peft", "lora"] + (["qlora"] if quant.get("method") in ("nf4", "int8") else [])
     if base_id:
         tags.append(f"base_model:adapter:{base_id}")
     card_data = ModelCardData(
@@ -132,6 +136,7 @@ def render_model_card(
     revision = (record.get("base_model") or {}).get("revision")
     setup = _rows([
         ("base model", base_text + (f" @ `{revision}`" if revision else "")),
+        ("PEFT method", peft.get("description")),
         ("hardware", _hardware_text(record.get("hardware") or {})),
         ("data", f"{data.get('format')} format, {data.get('records')} records ({data.get('train_examples')} "
          f"train / {data.get('eval_examples')} eval), {data.get('truncated_examples', 0)} truncated"),
@@ -157,7 +162,7 @@ def render_model_card(
     body = f"""
 # {repo_id.split("/")[-1]}
 
-A LoRA adapter for {base_text}, trained with qlora_lite.
+A {peft.get("description", "LoRA")} adapter for {base_text}, trained with qlora_lite.
 `run_record.json` in this repo holds the full record of the run (plan, data, metrics, library versions).
 
 ## Training setup

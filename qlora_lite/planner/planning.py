@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.options import BY_NAME, PLANNER_KNOBS, problems
 from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-exported)
     DEFAULT_SEQ_LEN,
@@ -21,6 +22,7 @@ from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-export
     choose_seq_len,
     explain_choices,
     nearest_fit,
+    peft_method_cost,
     relative_speed,
     step_seconds,
 )
@@ -37,9 +39,10 @@ DEFAULT_EFFECTIVE_BATCH = 16
 # Fraction of usable memory a plan may fill: the allocator fragments on CUDA; the estimate is +-5% on CPU.
 HEADROOM = {"cuda": 0.95, "cpu": 0.90, "mps": 0.85}
 
-# The knobs plan() accepts: the options declared `planner=True` (qlora_lite.options), plus the inputs that are
-# not settings of a run: the task's head, and how many processes train together (torchrun decides it).
-INPUT_KNOBS = ("task", "num_labels", "world_size", "fsdp")
+# The knobs plan() accepts: the options declared `planner=True` (qlora_lite.options), plus inputs that are not
+# options themselves: the task's head, the PEFT method (a PeftSettings made from the PEFT options), and how
+# many processes train together (torchrun decides it).
+INPUT_KNOBS = ("task", "num_labels", "peft", "world_size", "fsdp")
 KNOBS = (*PLANNER_KNOBS, *INPUT_KNOBS)
 
 
@@ -73,6 +76,8 @@ class Plan:
     nearest_fit: dict[str, Any] | None = None
     message: str = ""
     num_labels: int | None = None
+    peft: dict[str, Any] = field(default_factory=lambda: PeftSettings().to_record())
+    estimated_init_seconds: float = 0.0
     world_size: int = 1
     fsdp: bool = False
     shape: ModelShape | None = field(default=None, repr=False, compare=False)
@@ -96,6 +101,7 @@ class Plan:
             device="cuda" if self.accelerator == "cuda" else "cpu",
             task=self.task,
             num_labels=self.num_labels,
+            peft=self.peft,
             world_size=self.world_size,
             fsdp=self.fsdp,
         )
@@ -121,7 +127,7 @@ class Plan:
             "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
             "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
             "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
-            "estimated_step_seconds reasons fixed nearest_fit message accelerator world_size fsdp"
+            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft"
         ).split()
         data = {key: getattr(self, key) for key in keys}
         data["hardware"] = self.hardware_name
@@ -162,6 +168,7 @@ class Plan:
             ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
             ("optimizer", self.optimizer),
             ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
+            ("peft_method", self.peft.get("description", self.peft.get("method", "lora"))),
         ]
         width = max(len(name) for name, _ in rows)
         vwidth = max(len(value) for _, value in rows)
@@ -216,6 +223,7 @@ def plan(
 def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile, **fixed: Any) -> Plan:
     """`plan()` for a resolved hardware profile: reads the model's config.json, touches nothing else."""
     _validate(fixed)
+    peft = PeftSettings.checked(fixed.get("peft"))
     shape = (
         model
         if isinstance(model, ModelShape)
@@ -281,9 +289,16 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         device=device,
         task=task,
         num_labels=fixed.get("num_labels"),
+        peft=peft,
         world_size=world_size,
         fsdp=fsdp,
     )
+
+    method_cost = estimate_memory(shape, **base, micro_batch_size=1, seq_len=seq).cost
+    if not method_cost.gradient_checkpointing and fixed.get("gradient_checkpointing"):
+        raise UserError(
+            f"{peft.describe()} cannot run with gradient checkpointing: drop --gradient-checkpointing on"
+        )
 
     def micro_batches(free_all: bool) -> list[int]:
         if mb_fixed and not free_all:
@@ -301,6 +316,8 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
             if "gradient_checkpointing" in fixed and not free_all
             else [False, True]
         )
+        if not method_cost.gradient_checkpointing:
+            gcs = [False]  # e.g. prefix tuning: PEFT refuses checkpointing
         if "optimizer" in fixed and not free_all:
             optimizers = [fixed["optimizer"]]
         else:
@@ -335,7 +352,7 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
     else:
         knobs = dict(
             micro_batch_size=mb_fixed or 1,
-            gradient_checkpointing=fixed.get("gradient_checkpointing", True),
+            gradient_checkpointing=fixed.get("gradient_checkpointing", method_cost.gradient_checkpointing),
             optimizer=fixed.get("optimizer", "paged_adamw_8bit" if device == "cuda" else "adamw_torch"),
         )
         est = estimate_memory(shape, **base, seq_len=seq, **knobs)
@@ -345,7 +362,7 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
             **base,
             micro_batch_size=1,
             seq_len=seq,
-            gradient_checkpointing=True,
+            gradient_checkpointing=method_cost.gradient_checkpointing,
             optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
         ).peak_bytes
         message = (
@@ -377,9 +394,13 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
     step_s = step_seconds(
         shape, hw, mb * accumulation * seq * world_size, knobs["gradient_checkpointing"], task, world_size
     )
+    extra_s, init_s, reasons["peft_method"] = peft_method_cost(
+        hw, est, accumulation, step_s, knobs["gradient_checkpointing"]
+    )
+    step_s += extra_s
     state_bytes = est.breakdown["lora_params"] + est.breakdown["optimizer_states"]
     interval, reasons["checkpoint_every_seconds"] = checkpoint_interval(step_s, state_bytes, hw)
-    names = tuple(k for k in fixed if k not in ("max_memory", "world_size"))
+    names = tuple(k for k in fixed if k not in ("max_memory", "world_size", "peft"))
     return Plan(
         hardware_name=hw.name,
         accelerator=hw.accelerator,
@@ -411,6 +432,8 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         nearest_fit=nearest,
         message=message,
         num_labels=base["num_labels"],
+        peft=replace(peft, r=base["lora_r"], target_modules=base["lora_target_modules"]).to_record(),
+        estimated_init_seconds=round(init_s, 3),
         world_size=world_size,
         fsdp=fsdp,
         shape=shape,

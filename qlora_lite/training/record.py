@@ -144,8 +144,8 @@ def build_run_record(
             "alpha": lora.lora_alpha,
             "dropout": lora.dropout,
             "target_modules": lora.target_modules,
-            **lora.extra,
         },
+        "peft": lora.to_record(),  # the method: LoRA/DoRA/IA3/prompt/prefix tuning, init, rsLoRA, LoRA+
         "plan": plan.to_dict(),
         "identity": identity,
         "hyperparameters": {

@@ -20,9 +20,11 @@ from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_ident
 from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import LoraSettings, attach_lora, load_tokenizer, torch_dtype
+from qlora_lite.model.loading import attach_lora, load_tokenizer, torch_dtype
+from qlora_lite.model.peft_init import save_adapter
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.model.source import resolve_model_source
-from qlora_lite.options import KEPT_ON_RESUME, lora_keywords
+from qlora_lite.options import KEPT_ON_RESUME
 from qlora_lite.planner.hardware import HardwareProfile
 from qlora_lite.planner.planning import Plan, make_plan
 from qlora_lite.planner.profiles import resolve_hardware
@@ -65,7 +67,9 @@ def plan_run(
     inputs = {**task_knobs, "world_size": world_size}
     fixed = {**config.fixed_knobs(), **inputs}
     if saved is not None:
-        kept = {k: saved[k] for k in KEPT_ON_RESUME if k in saved}
+        kept = {
+            k: saved[k] for k in (*KEPT_ON_RESUME, "peft") if k in saved
+        }  # and the PEFT method as planned
         if isinstance(kept.get("lora_target_modules"), list):
             kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
         fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept, **inputs}
@@ -86,17 +90,6 @@ def plan_run(
             f"the run does not fit in {hardware.name} memory{nearest}. {the_plan.message}".strip()
         )
     return the_plan
-
-
-def lora_settings(the_plan: Plan, config: TrainConfig) -> LoraSettings:
-    targets = the_plan.lora_target_modules
-    return LoraSettings(
-        the_plan.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        targets if isinstance(targets, str) else tuple(targets),
-        extra=lora_keywords(config.settings()),
-    )
 
 
 def run(config: TrainConfig, task: Task) -> TrainResult:
@@ -163,8 +156,11 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
         torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
     )
     base, attach_kwargs = task.load_model(source, the_plan, accelerator, tokenizer)
-    lora = lora_settings(the_plan, config)
-    model = attach_lora(base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, **attach_kwargs)
+    lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
+    model = attach_lora(
+        base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, model_path=source.name,
+        quantization=the_plan.quantization, **attach_kwargs,
+    )  # fmt: skip
     model.train()
     for callback in config.callbacks:
         if hasattr(callback, "on_model_ready"):
@@ -208,7 +204,7 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
         return task.result_type(
             out, out, out / RUN_RECORD, None, metrics, the_plan, latest.step if latest else None
         )
-    model.save_pretrained(out)
+    save_adapter(model, out, model.qlora_lite_initial_adapter)  # PiSSA/OLoRA: as plain LoRA on the base
     tokenizer.save_pretrained(out)
     finish = task.finish(model, tokenizer, prepared, runner, state, out)
     for name in finish.drop_metrics:
