@@ -40,7 +40,7 @@ ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP = (
 # The settings that define a run: a checkpoint made with other values belongs to another run.
 IDENTITY_SETTINGS = (
     "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format",
+    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format", "chat_template", "data_config", "data_split",
 )  # fmt: skip
 
 
@@ -48,8 +48,9 @@ def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, A
     """What must match for a checkpoint to continue this run (paths may differ between machines)."""
     return {
         "base_model": {
+            "hub_id": base_model.get("hub_id"),  # another model is another run, even at an equal commit
             "config_sha256": base_model.get("config_sha256"),
-            "revision": base_model.get("revision"),
+            "revision": base_model.get("revision"),  # the Hub commit sha, or a hash of the local files
         },
         "data_fingerprint": data_fingerprint,
         "settings": {name: getattr(config, name) for name in IDENTITY_SETTINGS},

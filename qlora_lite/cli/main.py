@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a LoRA adapter on a data file")
     t.add_argument("--model", required=True, help="model folder or Hub id")
-    t.add_argument("--data", required=True, help="JSONL, JSON, CSV or Parquet file")
+    t.add_argument(
+        "--data", required=True, help="JSONL, JSON, CSV or Parquet file, or a Hub data set org/name[@REV]"
+    )
+    t.add_argument(
+        "--chat-template",
+        help="the tokenizer's own (default; ChatML if it has none), chatml, llama3, gemma, or a Jinja file",
+    )
     t.add_argument("--output", required=True, help="run folder to write")
     t.add_argument("--format", help="data format (default: detected)")
     add_run_flags(t)

@@ -19,15 +19,17 @@ from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.data import encoding as encode_mod
 from qlora_lite.data import formats as data_mod
+from qlora_lite.data.hub_dataset import HubDataset, pin_data_source
+from qlora_lite.data.templates import apply_chat_template_choice, end_of_turn, generation_config_for
 from qlora_lite.errors import UserError
 from qlora_lite.model.loading import (
     LoraSettings,
     attach_lora,
     load_base_model,
     load_tokenizer,
-    resolve_model,
     torch_dtype,
 )
+from qlora_lite.model.source import resolve_model_source
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.training.loop import (
     StepRunner,
@@ -132,7 +134,7 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None, rec
 
 
 def _plan(
-    model_path: str, lengths: list[int], hardware: HardwareProfile, config: TrainConfig, saved: dict | None
+    model_path: Any, lengths: list[int], hardware: HardwareProfile, config: TrainConfig, saved: dict | None
 ):
     from qlora_lite.planner.planning import plan as make_plan
 
@@ -163,8 +165,11 @@ def _plan(
 
 
 def run(config: TrainConfig) -> TrainResult:
+    data_source = pin_data_source(
+        config.data, config.data_config, config.data_split
+    )  # a Hub data set: pinned to its commit before reading
     records, spec = data_mod.load_dataset_for_training(
-        config.data, format=config.format, columns=config.columns
+        data_source, format=config.format, columns=config.columns
     )
     if spec.task == "classification":  # labelled texts go to the classifier trainer
         from qlora_lite.training.classifier import run_classifier
@@ -177,12 +182,13 @@ def run(config: TrainConfig) -> TrainResult:
         from qlora_lite.planner.profiles import get_profile
 
         hardware = get_profile(config.hardware) if config.hardware else detect(out)
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
-    encode_mod.ensure_chat_template(tokenizer)
+    source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
+    model_path = source.name
+    tokenizer = load_tokenizer(source)
+    template = apply_chat_template_choice(tokenizer, config.chat_template)
 
     unbounded = prepare_data(config, tokenizer, None, records, spec)
-    identity = run_identity(config, model_identity(model_path), unbounded.fingerprint)
+    identity = run_identity(config, model_identity(source), unbounded.fingerprint)
     finished = finished_record(out, identity)
     if finished is not None:
         log.info(
@@ -200,7 +206,7 @@ def run(config: TrainConfig) -> TrainResult:
     write_json_atomic(out / RUN_CONFIG, config.to_record())
 
     the_plan = _plan(
-        model_path, unbounded.stats.lengths, hardware, config, latest.metadata.get("plan") if latest else None
+        source, unbounded.stats.lengths, hardware, config, latest.metadata.get("plan") if latest else None
     )
     prepared = prepare_data(config, tokenizer, the_plan.max_seq_length, records, spec)
 
@@ -211,6 +217,7 @@ def run(config: TrainConfig) -> TrainResult:
     )
     base = load_base_model(
         model_path,
+        revision=source.revision,  # the commit the plan and the run identity name
         quantization=the_plan.quantization,
         double_quant=the_plan.double_quant,
         compute_dtype=the_plan.compute_dtype,
@@ -268,6 +275,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    generation_config_for(model, tokenizer).save_pretrained(out)  # stop at the learned end-of-turn too
     generations = None
     if config.eval_generations or config.sample_generations:
         from qlora_lite.training.generation_eval import before_after
@@ -279,14 +287,15 @@ def run(config: TrainConfig) -> TrainResult:
     if generations and "after" in generations:
         metrics["exact_match"] = generations["after"]["exact_match"]
         metrics["contains_match"] = generations["after"]["contains_match"]
-    plot = plot_loss(
-        state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} LoRA"
-    )
+    plot = plot_loss(state.history, state.eval_history, out / LOSS_PLOT, title=f"{source.display_name} LoRA")
     record = build_run_record(
-        config=config, model_path=model_path, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
+        config=config, model_path=source, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
         total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
     )  # fmt: skip
     record["generation_eval"] = generations
+    record["chat_template"] = {"template": template, "end_of_turn": end_of_turn(tokenizer)}
+    if isinstance(data_source, HubDataset):
+        record["data"].update(data_source.describe())  # the id and the commit the records came from
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
     if config.push_to_hub:
