@@ -66,6 +66,19 @@ def add_plan_parser(subparsers: Any) -> None:
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), default=None)
     p.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default=None)
     p.add_argument("--attn-implementation", choices=ATTENTION, default=None)
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes training together (torchrun --nproc_per_node N): the plan is per device",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="shard weights, LoRA and optimizer over the N devices (FSDP-QLoRA, docs/distributed.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -83,6 +96,8 @@ _KNOBS = (
     "optimizer",
     "compute_dtype",
     "attn_implementation",
+    "world_size",
+    "fsdp",
 )
 
 

@@ -31,6 +31,7 @@ from qlora_lite.model.loading import (
 )
 from qlora_lite.model.source import resolve_model_source
 from qlora_lite.planner.hardware import HardwareProfile, detect
+from qlora_lite.training import distributed as dp
 from qlora_lite.training.loop import (
     StepRunner,
     Throughput,
@@ -134,17 +135,22 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None, rec
 
 
 def _plan(
-    model_path: Any, lengths: list[int], hardware: HardwareProfile, config: TrainConfig, saved: dict | None
+    model_path: Any,
+    lengths: list[int],
+    hardware: HardwareProfile,
+    config: TrainConfig,
+    saved: dict | None,
+    world_size: int = 1,
 ):
     from qlora_lite.planner.planning import plan as make_plan
 
-    fixed = config.fixed_knobs()
+    fixed = {**config.fixed_knobs(), "world_size": world_size}
     if saved is not None:
         # A resumed run keeps its plan; only the micro-batch split may change if this machine is smaller.
         kept = {k: saved[k] for k in KEPT_ON_RESUME if k in saved}
         if isinstance(kept.get("lora_target_modules"), list):
             kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
-        fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept}
+        fixed = {**{k: v for k, v in fixed.items() if k in ("max_memory", "world_size")}, **kept}
         the_plan = make_plan(
             model_path, data=lengths, hardware=hardware, micro_batch_size=saved["micro_batch_size"], **fixed
         )
@@ -165,6 +171,15 @@ def _plan(
 
 
 def run(config: TrainConfig) -> TrainResult:
+    """One run; under torchrun / accelerate launch, this process's rank of it (see training/distributed.py)."""
+    ranks, started_group = dp.init_ranks()
+    try:
+        return _run(config, ranks)
+    finally:
+        dp.close_ranks(started_group)
+
+
+def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
     data_source = pin_data_source(
         config.data, config.data_config, config.data_split
     )  # a Hub data set: pinned to its commit before reading
@@ -172,16 +187,21 @@ def run(config: TrainConfig) -> TrainResult:
         data_source, format=config.format, columns=config.columns
     )
     if spec.task == "classification":  # labelled texts go to the classifier trainer
+        if ranks.active:
+            raise UserError("the classifier trains in one process: start it without torchrun/--gpus")
         from qlora_lite.training.classifier import run_classifier
 
         return run_classifier(config)
     started = time.time()
-    out = prepare_output_dir(config)
+    # Rank 0 alone writes the run folder; the others wait until it is ready.
+    out = prepare_output_dir(config) if ranks.is_main else Path(config.output_dir).expanduser()
+    dp.barrier(ranks)
     hardware = config.hardware if isinstance(config.hardware, HardwareProfile) else None
     if hardware is None:
         from qlora_lite.planner.profiles import get_profile
 
         hardware = get_profile(config.hardware) if config.hardware else detect(out)
+    hardware = dp.rank_hardware(hardware, ranks)  # each rank plans for its own device
     source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
     model_path = source.name
     tokenizer = load_tokenizer(source)
@@ -189,7 +209,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     unbounded = prepare_data(config, tokenizer, None, records, spec)
     identity = run_identity(config, model_identity(source), unbounded.fingerprint)
-    finished = finished_record(out, identity)
+    finished = dp.from_main(finished_record(out, identity) if ranks.is_main else None, ranks)
     if finished is not None:
         log.info(
             "%s already holds this run, finished at step %d: nothing to do", out, finished["metrics"]["steps"]
@@ -199,15 +219,24 @@ def run(config: TrainConfig) -> TrainResult:
             out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"]
         )
 
-    store = open_checkpoint_store(config, out)
+    store = open_checkpoint_store(config, out) if ranks.is_main else dp.FollowerStore()
     latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
     if latest is not None:
         check_same_run(latest, identity, force=config.resume == "force")
-    write_json_atomic(out / RUN_CONFIG, config.to_record())
+    if ranks.is_main:
+        write_json_atomic(out / RUN_CONFIG, config.to_record())
+    latest, reader = dp.share_latest(store, latest, ranks)
 
-    the_plan = _plan(
-        source, unbounded.stats.lengths, hardware, config, latest.metadata.get("plan") if latest else None
-    )
+    saved_plan = latest.metadata.get("plan") if latest else None
+    # Rank 0 plans; the others keep its choices and fit only their micro-batch to their own device.
+    saved_plan = saved_plan if ranks.is_main else dp.from_main(None, ranks)
+    the_plan = _plan(source, unbounded.stats.lengths, hardware, config, saved_plan, ranks.world_size)
+    if ranks.is_main:
+        dp.from_main(the_plan.to_dict(), ranks)
+    dp.check_world_size(
+        the_plan.effective_batch_size, ranks, latest.metadata.get("world_size", 1) if latest else None,
+        config.lora_dropout,
+    )  # fmt: skip
     prepared = prepare_data(config, tokenizer, the_plan.max_seq_length, records, spec)
 
     seed_everything(config.seed)
@@ -240,7 +269,10 @@ def run(config: TrainConfig) -> TrainResult:
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(prepared.train), the_plan.effective_batch_size))
     )
-    optimizer, scheduler, state = start_or_restore(config, the_plan, model, total_steps, store, latest, out)
+    optimizer, scheduler, state = start_or_restore(
+        config, the_plan, model, total_steps, reader, latest, out if ranks.is_main else None
+    )
+    dp.broadcast_parameters(model, ranks)
 
     autocast_dtype = (
         None
@@ -251,15 +283,18 @@ def run(config: TrainConfig) -> TrainResult:
         model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
         max_grad_norm=config.max_grad_norm, autocast_dtype=autocast_dtype,
         grad_scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" and the_plan.compute_dtype == "fp16" else None,
+        data_parallel=dp.DataParallel(ranks, [len(e.input_ids) for e in prepared.train], config.seed) if ranks.active else None,
     )  # fmt: skip
     every_seconds = (
         config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds
     )
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None)},
+        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None), "world_size": ranks.world_size},
         every_seconds=every_seconds, every_steps=config.save_every_steps,
     )  # fmt: skip
+    if ranks.active:
+        checkpointer = dp.MainRankCheckpointer(checkpointer, ranks)
     eval_every = config.eval_every or max(1, total_steps // 5)
     train_seconds = probe_train_and_checkpoint(
         runner,
@@ -268,11 +303,17 @@ def run(config: TrainConfig) -> TrainResult:
         checkpointer,
         store,
         lambda: _run_steps(
-            config, out, prepared, runner, checkpointer, state, total_steps, the_plan.effective_batch_size,
-            eval_every, tokenizer,
+            config, out if ranks.is_main else None, prepared, runner, checkpointer, state, total_steps,
+            the_plan.effective_batch_size, eval_every, tokenizer,
         ),
     )  # fmt: skip
 
+    if not ranks.is_main:
+        dp.barrier(ranks)  # rank 0 writes the adapter, the record and pushes
+        metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
+        return TrainResult(
+            out, out, out / RUN_RECORD, None, metrics, the_plan, latest.step if latest else None
+        )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     generation_config_for(model, tokenizer).save_pretrained(out)  # stop at the learned end-of-turn too
@@ -293,6 +334,7 @@ def run(config: TrainConfig) -> TrainResult:
         total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
     )  # fmt: skip
     record["generation_eval"] = generations
+    record["world_size"] = ranks.world_size
     record["chat_template"] = {"template": template, "end_of_turn": end_of_turn(tokenizer)}
     if isinstance(data_source, HubDataset):
         record["data"].update(data_source.describe())  # the id and the commit the records came from
@@ -303,6 +345,7 @@ def run(config: TrainConfig) -> TrainResult:
 
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)
+    dp.barrier(ranks)
     return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
 
 
@@ -318,13 +361,19 @@ def _run_steps(
     eval_every,
     tokenizer,
 ) -> None:
-    """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar."""
+    """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar.
+
+    `out` is None on ranks other than 0: they neither log, evaluate nor show progress."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     throughput = Throughput()
     bar = tqdm(
-        total=total_steps, initial=state.step, disable=not config.progress, unit="step", dynamic_ncols=True
+        total=total_steps,
+        initial=state.step,
+        disable=not config.progress or out is None,
+        unit="step",
+        dynamic_ncols=True,
     )
     # Log lines (checkpoints saved, evals) print above the bar instead of breaking it.
     with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("qlora_lite")]):
@@ -349,8 +398,9 @@ def _run_steps(
                     "seconds": round(seconds, 4),
                 }
                 state.history.append(row)
-                append_step_log(out, row)
-                if state.step % eval_every == 0 or state.step == total_steps:
+                if out is not None:
+                    append_step_log(out, row)
+                if out is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     eval_loss = evaluate_loss(
                         runner.model,
                         prepared.eval,

@@ -104,7 +104,7 @@ def finished_record(out: Path, identity: dict) -> dict | None:
     )
 
 
-def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path):
+def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path | None):
     """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
     from transformers import get_scheduler
 
@@ -121,7 +121,8 @@ def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, sto
         check_same_parameters(latest, model)
         state = restore(store, latest, model, optimizer, scheduler)
         state.micro_batch_size = the_plan.micro_batch_size  # the plan may have re-split it on this machine
-    rewrite_step_log(out, state.history, state.eval_history)
+    if out is not None:  # None on ranks other than 0: they write nothing
+        rewrite_step_log(out, state.history, state.eval_history)
     return optimizer, scheduler, state
 
 
