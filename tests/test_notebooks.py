@@ -107,7 +107,8 @@ def kernel_env(tmp_path, monkeypatch, checkout_repo) -> dict[str, Path]:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved token
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("PYTHONPATH", raising=False)  # the kernel imports the qlora_lite its %pip line installed
+    # The kernel imports the qlora_lite its %pip line installed, not a checkout on PYTHONPATH.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("PATH", f"{overlay / 'bin'}{os.pathsep}{os.environ['PATH']}")
     for name in ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION"):
         monkeypatch.delenv(name, raising=False)
