@@ -143,6 +143,13 @@ def test_method_trains_saves_and_loads_with_plain_peft(name, tiny_model, data_fi
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == record["peft"]["peft_type"]
     assert config.get("use_dora", False) is (name == "dora")
+    # the compatibility report ([11]) sees the method: vLLM serves plain LoRA only (no DoRA, IA3, prompts)
+    from qlora_lite.inference.portability import adapter_report
+
+    report = adapter_report(tmp_path)
+    plain_lora = name not in ("dora", "ia3", "prompt_tuning", "prefix_tuning")
+    assert report["vllm"]["ok"] is plain_lora, report["vllm"]
+    assert report["llama_cpp"]["ok"] is (plain_lora and name != "rslora+loraplus"), report["llama_cpp"]
     from qlora_lite.hub.card import render_model_card
 
     card = render_model_card(tmp_path, "someone/adapter")
