@@ -337,3 +337,19 @@ def test_cli_flags_reach_the_plan(tiny_model, capsys):
         )
         == 2
     )
+
+
+def test_recipes_take_the_peft_and_axolotl_names(tmp_path):
+    from qlora_lite.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "use_dora: true\nuse_rslora: true\nloraplus_lr_ratio: 16\ninit_lora_weights: pissa\n"
+        "peft_method: lora\nrank_pattern: {down_proj: 4}\ntarget_modules: attention\n"
+    )
+    known = ("lora_method", "rslora", "lora_plus_ratio", "init_lora_weights", "peft_method", "rank_pattern",
+             "lora_target_modules")  # fmt: skip
+    assert load_recipe(path, known) == {
+        "lora_method": "dora", "rslora": True, "lora_plus_ratio": 16, "init_lora_weights": "pissa",
+        "peft_method": "lora", "rank_pattern": {"down_proj": 4}, "lora_target_modules": "attention",
+    }  # fmt: skip
