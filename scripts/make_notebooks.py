@@ -493,15 +493,19 @@ def adapters() -> nbformat.NotebookNode:
             """
             RUNS, HELD_OUT = {}, {}
             os.makedirs("data", exist_ok=True)
-            for name, module in (("orders", task), ("dates", dates)):
+
+
+            def train_task(name, module):
                 rows, HELD_OUT[name] = module.make_dataset(n_train=notebook.pick(480, 16), n_eval=notebook.pick(8, 2))
                 with open(f"data/{name}.jsonl", "w") as f:
                     f.writelines(json.dumps(r) + "\\n" for r in rows)
                 with notebook.friendly_errors():
                     RUNS[name] = qlora_lite.train(MODEL, f"data/{name}.jsonl", f"runs/{name}", **SETTINGS).output_dir
-            print(RUNS)
+                print(name, "->", RUNS[name])
             """
         ),
+        code('train_task("orders", task)'),
+        code('train_task("dates", dates)'),
         md(
             """
             ## 2. One base, both adapters, switched per row

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qlora_lite.cli.flags import PEFT_FLAGS
 from qlora_lite.errors import UserError
 
 TEXT_COLUMNS = ("text", "sentence", "content")
@@ -155,7 +156,7 @@ TRAIN_FLAGS = (
     "eval_every", "overwrite", "quantization", "double_quant", "compute_dtype", "micro_batch_size",
     "gradient_accumulation_steps", "effective_batch_size", "max_seq_length", "gradient_checkpointing", "optimizer",
     "attn_implementation", "lora_r", "lora_target_modules", "max_memory", "checkpoint_dir", "save_every_minutes",
-    "save_every_steps", "resume",
+    "save_every_steps", "resume", *PEFT_FLAGS,
 )  # fmt: skip
 
 

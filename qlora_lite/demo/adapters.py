@@ -35,18 +35,29 @@ OFF_TOPIC = [
 MAX_NEW_TOKENS = 48
 
 
-def _train(name: str, out: Path, model_dir: str, max_steps: int, n_eval: int, progress: bool) -> tuple:
+def _train(
+    name: str, out: Path, model_dir: str, max_steps: int, lr: float, n_eval: int, progress: bool
+) -> tuple:
     module = TASKS[name]
     train_rows, eval_rows = module.make_dataset(n_train=480, n_eval=n_eval)
     data = out / f"{name}-data.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     settings = dict(
-        max_steps=max_steps, effective_batch_size=8, learning_rate=3e-4, lora_r=16, eval_fraction=0.05
+        max_steps=max_steps, effective_batch_size=8, learning_rate=lr, lora_r=16, eval_fraction=0.05
     )
-    started = time.perf_counter()
-    result = train(model_dir, str(data), str(out / name), progress=progress, **settings)
-    return result, eval_rows, time.perf_counter() - started
+    return train(model_dir, str(data), str(out / name), progress=progress, **settings), eval_rows
+
+
+def _training_facts(run: Path) -> dict[str, Any]:
+    record = json.loads((run / "run_record.json").read_text())
+    keys = ("steps", "seconds", "train_loss", "eval_loss", "tokens_per_second")
+    return {
+        **{k: record["metrics"].get(k) for k in keys},
+        "learning_rate": record["hyperparameters"].get("learning_rate"),
+        "effective_batch_size": record["plan"].get("effective_batch_size"),
+        "run": str(run),
+    }
 
 
 def _accuracy(aset: AdapterSet, name: str | None, rows: list[dict], module: Any) -> float:
@@ -61,7 +72,7 @@ def _batched(aset: AdapterSet, prompts: list[str], names: list[str | None], size
     return out
 
 
-def _switch_vs_reload(aset: AdapterSet, runs: dict[str, Path], repeats: int = 3) -> dict[str, float]:
+def _switch_vs_reload(aset: AdapterSet, runs: dict[str, Path], repeats: int = 2) -> dict[str, float]:
     """Seconds to answer with the other adapter: switching in the loaded set vs loading base + adapter anew."""
     prompt = dates.prompt_for(dates.make_dataset(1, 1, seed=9)[1][0])
     aset.generate([prompt], "orders", max_new_tokens=1)  # warm
@@ -95,6 +106,7 @@ def run_adapters_demo(
     output_dir: str = "runs/adapters-demo",
     *,
     max_steps: int = 60,
+    learning_rate: float = 3e-4,
     n_eval: int = 16,
     progress: bool = True,
     reuse: dict[str, str] | None = None,
@@ -104,16 +116,14 @@ def run_adapters_demo(
     started = time.time()
     model_dir = str(ensure_demo_model())
     out = Path(output_dir)
-    runs, held_out, train_seconds = {}, {}, {}
+    runs, held_out = {}, {}
     for name in TASKS:
         if reuse and name in reuse:
             runs[name] = Path(reuse[name])
             held_out[name] = TASKS[name].make_dataset(n_train=480, n_eval=n_eval)[1]
-            record = json.loads((runs[name] / "run_record.json").read_text())
-            train_seconds[name] = record["metrics"]["seconds"]
             continue
-        result, rows, seconds = _train(name, out, model_dir, max_steps, n_eval, progress)
-        runs[name], held_out[name], train_seconds[name] = Path(result.adapter_dir), rows, round(seconds, 1)
+        result, held_out[name] = _train(name, out, model_dir, max_steps, learning_rate, n_eval, progress)
+        runs[name] = Path(result.adapter_dir)
 
     aset = AdapterSet(adapters={name: str(path) for name, path in runs.items()})
     own = {name: _accuracy(aset, name, held_out[name], TASKS[name]) for name in TASKS}
@@ -144,8 +154,7 @@ def run_adapters_demo(
         "model": model_dir,
         "quantization": aset.quantization,
         "held_out_per_task": n_eval,
-        "train_steps": max_steps,
-        "train_seconds": train_seconds,
+        "train": {n: _training_facts(runs[n]) for n in runs},
         "accuracy_own_adapter": own,
         "accuracy_base": base,
         "accuracy_mixed_batch": mixed,

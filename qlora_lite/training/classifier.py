@@ -27,12 +27,13 @@ from qlora_lite.data.labels import ClassifierExample
 from qlora_lite.errors import UserError
 from qlora_lite.model.loading import (
     CLASSIFIER_HEADS,
-    LoraSettings,
     attach_lora,
     load_base_model,
     load_tokenizer,
     torch_dtype,
 )
+from qlora_lite.model.peft_init import save_adapter
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.model.source import resolve_model_source
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.run_files import CONFUSION_PLOT, LABELS_FILE  # noqa: F401 (re-exported)
@@ -320,20 +321,11 @@ def run_classifier(
         raise UserError(
             f"{model_path}: its sequence-classification model has no 'score' or 'classifier' head"
         )
-    targets = the_plan.lora_target_modules
-    lora = LoraSettings(
-        the_plan.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        targets if isinstance(targets, str) else tuple(targets),
-    )
+    lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
     model = attach_lora(
-        base,
-        lora,
-        gradient_checkpointing=the_plan.gradient_checkpointing,
-        task="classification",
-        modules_to_save=heads,
-    )
+        base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, task="classification",
+        modules_to_save=heads, model_path=model_path, quantization=the_plan.quantization,
+    )  # fmt: skip
     model.train()
     for callback in config.callbacks:
         if hasattr(callback, "on_model_ready"):
@@ -392,7 +384,7 @@ def run_classifier(
             out / CONFUSION_PLOT,
             title=f"{source.display_name} LoRA classifier",
         )
-    model.save_pretrained(out)
+    save_adapter(model, out, model.qlora_lite_initial_adapter)
     tokenizer.save_pretrained(out)
     write_json_atomic(out / LABELS_FILE, data.mapping.to_file(tokenizer.pad_token_id))
     plot = plot_loss(
