@@ -41,7 +41,7 @@ def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     from qlora_lite.cli.flags import add_run_flags
 
     c = sub.add_parser("classify", help="label texts with a trained classifier run")
-    c.add_argument("run_dir", help="run folder written by train-classifier")
+    c.add_argument("run_dir", help="run folder written by train-classifier, or the Hub id it was pushed to")
     c.add_argument("texts", nargs="*", help="texts to classify (or use --input)")
     c.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of texts to classify")
     c.add_argument("--output", help="JSONL file to write (file mode; default: print JSON lines)")

@@ -406,6 +406,8 @@ def run_classifier(
         task="classification", labels=data.mapping.to_file(tokenizer.pad_token_id), class_weights=weights,
         label_distribution=data.distribution(), evaluation=evaluation, head_modules=heads,
     )  # fmt: skip
+    if hasattr(data.source, "describe"):  # a Hub data set: its id and the commit the records came from
+        record["data"].update(data.source.describe())
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter, head and run record in %s", out)
     return ClassifierResult(
