@@ -9,6 +9,11 @@ print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
 
 from __future__ import annotations
 
+# First: a library pip upgraded under this (notebook) process means a restart; say so before anything breaks.
+from qlora_lite.demo.colab import check_fresh_imports
+
+check_fresh_imports()
+
 # No module is named like a public function any more (train, plan, generate live in subpackages), so the
 # functions below are plain attributes; old module paths fail with their new place (qlora_lite.compat).
 from qlora_lite.compat import install_moved_module_finder

@@ -81,7 +81,10 @@ def test_each_command_has_a_flag_for_each_of_its_options_and_reads_it_back():
 def test_planner_knobs_are_the_declared_ones_and_the_plan_flags_are_the_knobs():
     assert set(KNOBS) == set(options.PLANNER_KNOBS) | {"task", "num_labels", "peft", "world_size", "fsdp"}
     sources = {"model_revision", "data_config", "data_split"}  # where the model and data come from
-    peft = set(options.PEFT_OPTIONS) - {"lora_alpha", "lora_dropout"}  # the plan's "peft" knob is made of them
+    peft = set(options.PEFT_OPTIONS) - {
+        "lora_alpha",
+        "lora_dropout",
+    }  # the plan's "peft" knob is made of them
     assert {o.name for o in options.for_command("plan")} == set(options.PLANNER_KNOBS) | sources | peft
     # Resume: what must match and what a resumed run keeps did not change with the declaration.
     assert set(options.IDENTITY_SETTINGS) == {
@@ -157,7 +160,9 @@ def test_peft_options_reach_peft_through_the_plan(tiny_model):
     the_plan = plan(tiny_model, hardware="cpu", lora_r=4, **{k: v for k, v in config.fixed_knobs().items()})
     planned = PeftSettings.from_record(the_plan.peft)
     assert planned.r == 4 and planned.rslora and planned.lora_method == "dora"
-    base = load_base_model(tiny_model, quantization="none", double_quant=False, compute_dtype="fp32", accelerator="cpu")
+    base = load_base_model(
+        tiny_model, quantization="none", double_quant=False, compute_dtype="fp32", accelerator="cpu"
+    )
     model = attach_lora(base, planned, gradient_checkpointing=False)
     peft_config = model.peft_config["default"]
     assert peft_config.use_rslora is True and peft_config.use_dora is True and peft_config.lora_alpha == 8

@@ -143,6 +143,13 @@ def test_method_trains_saves_and_loads_with_plain_peft(name, tiny_model, data_fi
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == record["peft"]["peft_type"]
     assert config.get("use_dora", False) is (name == "dora")
+    # the compatibility report ([11]) sees the method: vLLM serves plain LoRA only (no DoRA, IA3, prompts)
+    from qlora_lite.inference.portability import adapter_report
+
+    report = adapter_report(tmp_path)
+    plain_lora = name not in ("dora", "ia3", "prompt_tuning", "prefix_tuning")
+    assert report["vllm"]["ok"] is plain_lora, report["vllm"]
+    assert report["llama_cpp"]["ok"] is (plain_lora and name != "rslora+loraplus"), report["llama_cpp"]
     from qlora_lite.hub.card import render_model_card
 
     card = render_model_card(tmp_path, "someone/adapter")
@@ -330,3 +337,19 @@ def test_cli_flags_reach_the_plan(tiny_model, capsys):
         )
         == 2
     )
+
+
+def test_recipes_take_the_peft_and_axolotl_names(tmp_path):
+    from qlora_lite.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "use_dora: true\nuse_rslora: true\nloraplus_lr_ratio: 16\ninit_lora_weights: pissa\n"
+        "peft_method: lora\nrank_pattern: {down_proj: 4}\ntarget_modules: attention\n"
+    )
+    known = ("lora_method", "rslora", "lora_plus_ratio", "init_lora_weights", "peft_method", "rank_pattern",
+             "lora_target_modules")  # fmt: skip
+    assert load_recipe(path, known) == {
+        "lora_method": "dora", "rslora": True, "lora_plus_ratio": 16, "init_lora_weights": "pissa",
+        "peft_method": "lora", "rank_pattern": {"down_proj": 4}, "lora_target_modules": "attention",
+    }  # fmt: skip

@@ -147,8 +147,10 @@ class Classification:
         if not config.overwrite:
             cdata.check_saved_labels(Path(config.output_dir).expanduser() / RUN_RECORD, data.mapping)
         eval_source = self.eval_data if isinstance(self.eval_data, str) else None
+        # A Hub data set: its id and the commit the records came from go into the record's "data".
+        described = data.source.describe() if hasattr(data.source, "describe") else {}
         return TaskData(
-            data.spec, data.fingerprint, data.n_records,
+            data.spec, data.fingerprint, data.n_records, record=described,
             identity={"classification": {"labels": list(data.mapping.names), "class_weights": self.weights}},
             run_config={"classifier": {"labels": self.labels, "class_weights": self.class_weights, "eval_data": eval_source}},
         )  # fmt: skip
