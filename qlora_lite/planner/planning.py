@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import PeftSettings
+from qlora_lite.options import BY_NAME, PLANNER_KNOBS, problems
 from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-exported)
     DEFAULT_SEQ_LEN,
     MAX_CHECKPOINT_INTERVAL_S,
@@ -20,44 +22,28 @@ from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-export
     choose_seq_len,
     explain_choices,
     nearest_fit,
+    peft_method_cost,
     relative_speed,
     step_seconds,
 )
 from qlora_lite.planner.hardware import HardwareProfile, format_bytes
 from qlora_lite.planner.memory import (
-    ATTENTION,
-    COMPUTE_DTYPES,
-    OPTIMIZER_STATE_BYTES,
-    QUANTIZATIONS,
     TASKS,
     ModelShape,
     estimate_memory,
     model_shape,
 )
+from qlora_lite.planner.profiles import profile_with_budget, resolve_hardware
 
 DEFAULT_EFFECTIVE_BATCH = 16
 # Fraction of usable memory a plan may fill: the allocator fragments on CUDA; the estimate is +-5% on CPU.
 HEADROOM = {"cuda": 0.95, "cpu": 0.90, "mps": 0.85}
 
-KNOBS = {
-    "quantization": QUANTIZATIONS,
-    "double_quant": (True, False),
-    "compute_dtype": tuple(COMPUTE_DTYPES),
-    "micro_batch_size": int,
-    "gradient_accumulation_steps": int,
-    "effective_batch_size": int,
-    "max_seq_length": int,
-    "gradient_checkpointing": (True, False),
-    "optimizer": tuple(OPTIMIZER_STATE_BYTES),
-    "attn_implementation": ATTENTION,
-    "lora_r": int,
-    "lora_target_modules": None,  # 'all-linear' or a list of names, checked against the model
-    "task": TASKS,
-    "max_memory": None,  # a size, checked by parse_size
-    "num_labels": int,
-    "world_size": int,  # processes training together (torchrun / accelerate launch); each plans for its device
-    "fsdp": (True, False),  # shard weights, LoRA and optimizer over the processes instead of replicating
-}
+# The knobs plan() accepts: the options declared `planner=True` (qlora_lite.options), plus inputs that are not
+# options themselves: the task's head, the PEFT method (a PeftSettings made from the PEFT options), and how
+# many processes train together (torchrun decides it).
+INPUT_KNOBS = ("task", "num_labels", "peft", "world_size", "fsdp")
+KNOBS = (*PLANNER_KNOBS, *INPUT_KNOBS)
 
 
 @dataclass(frozen=True)
@@ -90,6 +76,8 @@ class Plan:
     nearest_fit: dict[str, Any] | None = None
     message: str = ""
     num_labels: int | None = None
+    peft: dict[str, Any] = field(default_factory=lambda: PeftSettings().to_record())
+    estimated_init_seconds: float = 0.0
     world_size: int = 1
     fsdp: bool = False
     shape: ModelShape | None = field(default=None, repr=False, compare=False)
@@ -113,6 +101,7 @@ class Plan:
             device="cuda" if self.accelerator == "cuda" else "cpu",
             task=self.task,
             num_labels=self.num_labels,
+            peft=self.peft,
             world_size=self.world_size,
             fsdp=self.fsdp,
         )
@@ -138,7 +127,7 @@ class Plan:
             "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
             "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
             "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
-            "estimated_step_seconds reasons fixed nearest_fit message accelerator world_size fsdp"
+            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft"
         ).split()
         data = {key: getattr(self, key) for key in keys}
         data["hardware"] = self.hardware_name
@@ -179,6 +168,7 @@ class Plan:
             ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
             ("optimizer", self.optimizer),
             ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
+            ("peft_method", self.peft.get("description", self.peft.get("method", "lora"))),
         ]
         width = max(len(name) for name, _ in rows)
         vwidth = max(len(value) for _, value in rows)
@@ -199,43 +189,53 @@ class Plan:
         return "\n".join(lines)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _validate(fixed: dict[str, Any]) -> None:
-    for key, value in fixed.items():
+    for key in fixed:
         if key not in KNOBS:
             raise UserError(f"unknown planning knob {key!r}: known knobs are {', '.join(KNOBS)}")
-        allowed = KNOBS[key]
-        if allowed is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{key} must be a positive integer, got {value!r}")
-        elif isinstance(allowed, tuple) and value not in allowed:
-            raise UserError(f"{key} {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _hardware(hardware: HardwareProfile | str | None, max_memory: Any) -> HardwareProfile:
-    from qlora_lite.planner.profiles import get_profile, profile_with_budget
-
-    if hardware is None:
-        from qlora_lite.planner.hardware import detect
-
-        hardware = detect()
-    elif isinstance(hardware, str):
-        hardware = get_profile(hardware)
-    if max_memory is not None:
-        hardware = profile_with_budget(max_memory, hardware)
-    return hardware
+    problem = problems({k: v for k, v in fixed.items() if k in BY_NAME})
+    if fixed.get("task", "causal_lm") not in TASKS:
+        problem.append(f"task must be one of {', '.join(TASKS)} (got {fixed['task']!r})")
+    for key in ("num_labels", "world_size"):
+        if fixed.get(key) is not None and not _positive_int(fixed[key]):
+            problem.append(f"{key} must be a positive integer (got {fixed[key]!r})")
+    if fixed.get("fsdp") not in (None, True, False):
+        problem.append(f"fsdp must be True or False (got {fixed['fsdp']!r})")
+    if problem:
+        raise UserError("; ".join(problem))
 
 
 def plan(
     model: Any, data: Sequence[int] | None = None, hardware: HardwareProfile | str | None = None, **fixed: Any
 ) -> Plan:
-    """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine)."""
+    """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine).
+
+    The entry point for users: `hardware` may be a profile name or None (detect); everything after that is
+    `make_plan`, a pure function of the model, a hardware profile, the data lengths and the fixed knobs.
+    """
+    return make_plan(model, data, resolve_hardware(hardware), **fixed)
+
+
+def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile, **fixed: Any) -> Plan:
+    """`plan()` for a resolved hardware profile: reads the model's config.json, touches nothing else."""
     _validate(fixed)
+    peft = PeftSettings.checked(fixed.get("peft"))
     shape = (
         model
         if isinstance(model, ModelShape)
         else model_shape(os.fspath(model) if isinstance(model, os.PathLike) else model)
     )
-    hw = _hardware(hardware, fixed.get("max_memory"))
+    if not isinstance(hardware, HardwareProfile):
+        raise TypeError(f"make_plan needs a HardwareProfile (resolve_hardware makes one), got {hardware!r}")
+    hw = (
+        profile_with_budget(fixed["max_memory"], hardware)
+        if fixed.get("max_memory") is not None
+        else hardware
+    )
     device = "cuda" if hw.accelerator == "cuda" else "cpu"
     usable = hw.usable_memory_bytes
     target = int(usable * HEADROOM.get(hw.accelerator, 0.9))
@@ -289,9 +289,16 @@ def plan(
         device=device,
         task=task,
         num_labels=fixed.get("num_labels"),
+        peft=peft,
         world_size=world_size,
         fsdp=fsdp,
     )
+
+    method_cost = estimate_memory(shape, **base, micro_batch_size=1, seq_len=seq).cost
+    if not method_cost.gradient_checkpointing and fixed.get("gradient_checkpointing"):
+        raise UserError(
+            f"{peft.describe()} cannot run with gradient checkpointing: drop --gradient-checkpointing on"
+        )
 
     def micro_batches(free_all: bool) -> list[int]:
         if mb_fixed and not free_all:
@@ -309,6 +316,8 @@ def plan(
             if "gradient_checkpointing" in fixed and not free_all
             else [False, True]
         )
+        if not method_cost.gradient_checkpointing:
+            gcs = [False]  # e.g. prefix tuning: PEFT refuses checkpointing
         if "optimizer" in fixed and not free_all:
             optimizers = [fixed["optimizer"]]
         else:
@@ -343,7 +352,7 @@ def plan(
     else:
         knobs = dict(
             micro_batch_size=mb_fixed or 1,
-            gradient_checkpointing=fixed.get("gradient_checkpointing", True),
+            gradient_checkpointing=fixed.get("gradient_checkpointing", method_cost.gradient_checkpointing),
             optimizer=fixed.get("optimizer", "paged_adamw_8bit" if device == "cuda" else "adamw_torch"),
         )
         est = estimate_memory(shape, **base, seq_len=seq, **knobs)
@@ -353,7 +362,7 @@ def plan(
             **base,
             micro_batch_size=1,
             seq_len=seq,
-            gradient_checkpointing=True,
+            gradient_checkpointing=method_cost.gradient_checkpointing,
             optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
         ).peak_bytes
         message = (
@@ -385,9 +394,13 @@ def plan(
     step_s = step_seconds(
         shape, hw, mb * accumulation * seq * world_size, knobs["gradient_checkpointing"], task, world_size
     )
+    extra_s, init_s, reasons["peft_method"] = peft_method_cost(
+        hw, est, accumulation, step_s, knobs["gradient_checkpointing"]
+    )
+    step_s += extra_s
     state_bytes = est.breakdown["lora_params"] + est.breakdown["optimizer_states"]
     interval, reasons["checkpoint_every_seconds"] = checkpoint_interval(step_s, state_bytes, hw)
-    names = tuple(k for k in fixed if k not in ("max_memory", "world_size"))
+    names = tuple(k for k in fixed if k not in ("max_memory", "world_size", "peft"))
     return Plan(
         hardware_name=hw.name,
         accelerator=hw.accelerator,
@@ -419,6 +432,8 @@ def plan(
         nearest_fit=nearest,
         message=message,
         num_labels=base["num_labels"],
+        peft=replace(peft, r=base["lora_r"], target_modules=base["lora_target_modules"]).to_record(),
+        estimated_init_seconds=round(init_s, 3),
         world_size=world_size,
         fsdp=fsdp,
         shape=shape,

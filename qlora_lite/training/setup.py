@@ -19,6 +19,7 @@ from qlora_lite.checkpoint.resume import Checkpointer, check_same_parameters, re
 from qlora_lite.checkpoint.store import CheckpointStore, default_durable_root
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import parameter_groups
 from qlora_lite.run_files import CHECKPOINTS, RUN_FILES  # noqa: F401 (re-exported)
 from qlora_lite.training.loop import LoopState, OutOfMemoryAtMicroBatchOne
 from qlora_lite.training.record import RUN_RECORD, rewrite_step_log
@@ -33,7 +34,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+    name: str, params: list[torch.nn.Parameter] | list[dict], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -49,12 +50,13 @@ def make_optimizer(
     return classes[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def prepare_output_dir(config: TrainConfig) -> Path:
+def prepare_output_dir(config: TrainConfig, task_files: tuple[str, ...] = ()) -> Path:
+    """The run folder, created; with `overwrite`, emptied of a previous run (its files and checkpoints)."""
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: give a folder for the run")
     if config.overwrite and out.is_dir():
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *task_files):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +110,9 @@ def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, sto
     """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
     from transformers import get_scheduler
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(the_plan.optimizer, trainable, config.learning_rate, config.weight_decay)
+    # LoRA+: the B matrices in a group of their own at lora_plus_ratio x the learning rate.
+    groups = parameter_groups(model, config.learning_rate, config.lora_plus_ratio)
+    optimizer = make_optimizer(the_plan.optimizer, groups, config.learning_rate, config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
