@@ -27,7 +27,7 @@ PLANNER_KNOBS = (
     "lora_target_modules",
 )
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-RESUME_MODES = ("auto", "never", "force")
+RESUME_MODES = ("auto", "never", "force", "local")
 # Fields that are not settings: where things are, and live objects.
 _NOT_SETTINGS = ("model", "data", "output_dir", "callbacks", "hardware", "progress")
 
@@ -75,7 +75,10 @@ class TrainConfig:
     save_every_minutes: float | None = None  # None: the plan's interval (at most 10 minutes)
     save_every_steps: int | None = None
     keep_checkpoints: int = 2
-    resume: str = "auto"  # "auto": continue the same run if found; "never"; "force": even if settings differ
+    # "auto": continue the same run if found; "never": start afresh (older checkpoints moved aside, kept);
+    # "force": even if settings differ; "local": from this machine's checkpoints, without listing the durable place
+    resume: str = "auto"
+    public_checkpoints: bool = False  # checkpoints may go to a public Hub repo (refused unless set)
     # ship (the token comes from HF_TOKEN / `hf auth login` / the Colab secret, never from a setting)
     push_to_hub: str | None = None  # a repo id: push the adapter with a model card when training ends
     hub_private: bool = True
@@ -147,6 +150,13 @@ class TrainConfig:
             problems.append("eval_generations and sample_generations must be >= 0")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval_every must be >= 1 (got {self.eval_every})")
+        if self.checkpoint_dir and not str(self.checkpoint_dir).startswith("hf://"):
+            from qlora_lite.checkpoint.durable import check_drive_path
+
+            try:
+                check_drive_path(self.checkpoint_dir)  # before anything is loaded or written
+            except UserError as exc:
+                problems.append(str(exc))
         if problems:
             raise UserError("invalid training settings: " + "; ".join(problems))
 

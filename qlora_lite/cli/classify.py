@@ -153,7 +153,7 @@ TRAIN_FLAGS = (
     "eval_every", "overwrite", "quantization", "double_quant", "compute_dtype", "micro_batch_size",
     "gradient_accumulation_steps", "effective_batch_size", "max_seq_length", "gradient_checkpointing", "optimizer",
     "attn_implementation", "lora_r", "lora_target_modules", "max_memory", "checkpoint_dir", "save_every_minutes",
-    "save_every_steps", "resume",
+    "save_every_steps", "resume", "public_checkpoints",
 )  # fmt: skip
 
 

@@ -61,7 +61,16 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-every-minutes", type=float, help="default: the plan's interval, at most 10")
     group.add_argument("--save-every-steps", type=int)
     group.add_argument(
-        "--resume", choices=["auto", "never", "force"], help="default auto: continue the same run"
+        "--resume",
+        choices=["auto", "never", "force", "local"],
+        help="default auto: continue the same run; never: start afresh (older checkpoints kept aside); local: "
+        "continue from this machine's checkpoints when the durable place cannot be listed",
+    )
+    group.add_argument(
+        "--public-checkpoints",
+        action="store_true",
+        default=None,
+        help="allow checkpoints in a public Hub repo (refused otherwise)",
     )
 
 
@@ -87,7 +96,7 @@ TRAIN_FLAGS = (
     "eval_fraction", "eval_every", "eval_generations", "sample_generations", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
     "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_seq_length",
     "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "max_memory",
-    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume", "push_to_hub", "hub_private",
+    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume", "public_checkpoints", "push_to_hub", "hub_private",
 )  # fmt: skip
 
 

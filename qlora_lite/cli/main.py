@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 from qlora_lite.cli.flags import TRAIN_FLAGS, add_run_flags, print_result
 from qlora_lite.errors import UserError
+from qlora_lite.hub.token import protect_token, redact
 
 log = logging.getLogger("qlora_lite")
 
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--checkpoint-dir", help="where its durable checkpoints are, if not recorded (a fresh machine)"
     )
-    r.add_argument("--resume", choices=["auto", "force"], default="auto")
+    r.add_argument("--resume", choices=["auto", "force", "local"], default="auto")
     r.add_argument("--no-progress", action="store_true")
 
     runs = sub.add_parser("runs", help="list runs under a folder with their last verified checkpoint")
@@ -113,16 +115,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qlora_lite.training.record import RUN_CONFIG
     from qlora_lite.training.run import train
+    from qlora_lite.training.setup import saved_run_config
 
     run_dir = Path(args.run_dir)
-    path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        raise UserError(
-            f"{run_dir} holds no {RUN_CONFIG}: it is not a run folder started by qlora-lite train"
-        )
-    saved = json.loads(path.read_text())
+    saved = saved_run_config(run_dir, args.checkpoint_dir)  # run_config.json, or the durable place's copy
     if saved.get("data") is None:
         raise UserError(
             f"{run_dir} was trained on in-memory data: resume it by running the same train() call again"
@@ -263,13 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.debug)
+    protect_token(os.environ.get("HF_TOKEN"))  # kept out of every log line and error message from here on
     handler = _handler(args.command)
     try:
         return int(handler(args) or 0)
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)  # one line, never the token
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
+from qlora_lite.checkpoint.resume import Checkpointer, run_identity
 from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.data import labels as cdata
 from qlora_lite.data.labels import ClassifierExample
@@ -29,6 +29,7 @@ from qlora_lite.model.loading import (
     CLASSIFIER_HEADS,
     LoraSettings,
     attach_lora,
+    check_has_weights,
     load_base_model,
     load_tokenizer,
     resolve_model,
@@ -62,10 +63,12 @@ from qlora_lite.training.record import (
 )
 from qlora_lite.training.run import KEPT_ON_RESUME, PreparedData, TrainResult
 from qlora_lite.training.setup import (
+    RunFolder,
+    checkpoint_metadata,
     finished_record,
-    open_checkpoint_store,
-    prepare_output_dir,
+    make_grad_scaler,
     probe_train_and_checkpoint,
+    resume_point,
     run_metrics,
     seed_everything,
     start_or_restore,
@@ -254,15 +257,21 @@ def run_classifier(
     """`train_classifier` for a ready TrainConfig (what `train()` calls when the data is classification)."""
     started = time.time()
     data = cdata.load_labeled_data(config, labels=labels, eval_data=eval_data)  # validated before any write
+    with RunFolder(config) as folder:  # locked for the whole run; its checkpoint store always closed
+        return _run_classifier_in(config, folder, data, started, labels, class_weights, eval_data)
+
+
+def _run_classifier_in(config, folder, data, started, labels, class_weights, eval_data) -> ClassifierResult:
     weights = cdata.resolve_class_weights(class_weights, data.mapping, data.train_ids)
     cdata.log_distribution(data, weights)
     model_path = resolve_model(config.model)
+    check_has_weights(model_path)
     tokenizer = load_tokenizer(model_path)
     identity = run_identity(config, model_identity(model_path), data.fingerprint)
     identity["classification"] = {"labels": list(data.mapping.names), "class_weights": weights}
     if not config.overwrite:
         cdata.check_saved_labels(Path(config.output_dir).expanduser() / RUN_RECORD, data.mapping)
-    out = prepare_output_dir(config)
+    out = folder.path
     if config.overwrite:
         for name in (LABELS_FILE, CONFUSION_PLOT):
             (out / name).unlink(missing_ok=True)
@@ -280,15 +289,12 @@ def run_classifier(
             confusion_matrix=matrix if matrix.exists() else None,
         )  # fmt: skip
 
-    store = open_checkpoint_store(config, out)
-    latest = store.latest() if config.resume != "never" else None
+    store = folder.open_store()
+    latest = resume_point(config, store, identity)
     if latest is not None:
         cdata.check_checkpoint_labels(latest, data.mapping)  # never forced: the head would mean other labels
-        check_same_run(latest, identity, force=config.resume == "force")
-    write_json_atomic(
-        out / RUN_CONFIG,
-        {**config.to_record(), "classifier": {"labels": labels, "class_weights": class_weights, "eval_data": eval_data if isinstance(eval_data, str) else None}},
-    )  # fmt: skip
+    run_config = {**config.to_record(), "classifier": {"labels": labels, "class_weights": class_weights, "eval_data": eval_data if isinstance(eval_data, str) else None}}  # fmt: skip
+    write_json_atomic(out / RUN_CONFIG, run_config)
 
     lengths = [len(ids) for ids in tokenizer([t for t, _ in data.train], truncation=False)["input_ids"]]
     the_plan = _plan(
@@ -340,19 +346,22 @@ def run_classifier(
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(train_examples), effective))
     )
-    optimizer, scheduler, state = start_or_restore(config, the_plan, model, total_steps, store, latest, out)
+    grad_scaler = make_grad_scaler(device, the_plan.compute_dtype)
+    optimizer, scheduler, state = start_or_restore(
+        config, the_plan, model, total_steps, store, latest, out, grad_scaler
+    )
     cuda_half = device.type == "cuda" and the_plan.compute_dtype != "fp32"
     runner = ClassifierStepRunner(
         model, optimizer, scheduler, train_examples, pad_token_id=tokenizer.pad_token_id, device=device,
         max_grad_norm=config.max_grad_norm, autocast_dtype=torch_dtype(the_plan.compute_dtype) if cuda_half else None,
-        grad_scaler=torch.amp.GradScaler("cuda") if cuda_half and the_plan.compute_dtype == "fp16" else None,
+        grad_scaler=grad_scaler,
         class_weights=torch.tensor(weights, device=device) if weights else None,
     )  # fmt: skip
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None)},
+        metadata=checkpoint_metadata(identity, the_plan, store, run_config),
         every_seconds=config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds,
-        every_steps=config.save_every_steps,
+        every_steps=config.save_every_steps, grad_scaler=grad_scaler,
     )  # fmt: skip
     eval_every = config.eval_every or max(1, total_steps // 5)
     ctx = SimpleNamespace(config=config, out=out, runner=runner, checkpointer=checkpointer, state=state, total_steps=total_steps,
@@ -465,11 +474,8 @@ def _run_steps(ctx: SimpleNamespace) -> None:
                 }
                 state.eval_history.append(entry)
                 append_step_log(ctx.out, entry)
-            if state.step < ctx.total_steps and ctx.checkpointer.due(state):
-                ctx.checkpointer.save(state)
-            for callback in ctx.config.callbacks:
-                if hasattr(callback, "on_step_end"):
-                    callback.on_step_end(state)
+            # Saves when due, runs the callbacks; interrupted (Ctrl-C, SIGTERM): saves, then stops.
+            ctx.checkpointer.at_step_end(state, ctx.total_steps, ctx.config.callbacks)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
     finally:

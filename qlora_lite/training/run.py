@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
+from qlora_lite.checkpoint.resume import Checkpointer, run_identity
 from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.data import encoding as encode_mod
@@ -23,6 +23,7 @@ from qlora_lite.errors import UserError
 from qlora_lite.model.loading import (
     LoraSettings,
     attach_lora,
+    check_has_weights,
     load_base_model,
     load_tokenizer,
     resolve_model,
@@ -47,10 +48,12 @@ from qlora_lite.training.record import (
     write_json_atomic,
 )
 from qlora_lite.training.setup import (
+    RunFolder,
+    checkpoint_metadata,
     finished_record,
-    open_checkpoint_store,
-    prepare_output_dir,
+    make_grad_scaler,
     probe_train_and_checkpoint,
+    resume_point,
     run_metrics,
     seed_everything,
     start_or_restore,
@@ -166,14 +169,20 @@ def run(config: TrainConfig) -> TrainResult:
         from qlora_lite.training.classifier import run_classifier
 
         return run_classifier(config)
+    with RunFolder(config) as folder:  # locked for the whole run; its checkpoint store always closed
+        return _run_in(config, records, spec, folder)
+
+
+def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> TrainResult:
     started = time.time()
-    out = prepare_output_dir(config)
+    out = folder.path
     hardware = config.hardware if isinstance(config.hardware, HardwareProfile) else None
     if hardware is None:
         from qlora_lite.planner.profiles import get_profile
 
         hardware = get_profile(config.hardware) if config.hardware else detect(out)
     model_path = resolve_model(config.model)
+    check_has_weights(model_path)
     tokenizer = load_tokenizer(model_path)
     encode_mod.ensure_chat_template(tokenizer)
 
@@ -189,11 +198,10 @@ def run(config: TrainConfig) -> TrainResult:
             out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"]
         )
 
-    store = open_checkpoint_store(config, out)
-    latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
-    if latest is not None:
-        check_same_run(latest, identity, force=config.resume == "force")
-    write_json_atomic(out / RUN_CONFIG, config.to_record())
+    store = folder.open_store()
+    latest: CheckpointInfo | None = resume_point(config, store, identity)
+    run_config = config.to_record()
+    write_json_atomic(out / RUN_CONFIG, run_config)
 
     the_plan = _plan(
         model_path, unbounded.stats.lengths, hardware, config, latest.metadata.get("plan") if latest else None
@@ -229,7 +237,10 @@ def run(config: TrainConfig) -> TrainResult:
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(prepared.train), the_plan.effective_batch_size))
     )
-    optimizer, scheduler, state = start_or_restore(config, the_plan, model, total_steps, store, latest, out)
+    grad_scaler = make_grad_scaler(device, the_plan.compute_dtype)
+    optimizer, scheduler, state = start_or_restore(
+        config, the_plan, model, total_steps, store, latest, out, grad_scaler
+    )
 
     autocast_dtype = (
         None
@@ -239,15 +250,15 @@ def run(config: TrainConfig) -> TrainResult:
     runner = StepRunner(
         model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
         max_grad_norm=config.max_grad_norm, autocast_dtype=autocast_dtype,
-        grad_scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" and the_plan.compute_dtype == "fp16" else None,
+        grad_scaler=grad_scaler,
     )  # fmt: skip
     every_seconds = (
         config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds
     )
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None)},
-        every_seconds=every_seconds, every_steps=config.save_every_steps,
+        metadata=checkpoint_metadata(identity, the_plan, store, run_config),
+        every_seconds=every_seconds, every_steps=config.save_every_steps, grad_scaler=grad_scaler,
     )  # fmt: skip
     eval_every = config.eval_every or max(1, total_steps // 5)
     train_seconds = probe_train_and_checkpoint(
@@ -349,11 +360,8 @@ def _run_steps(
                     if eval_loss is not None:
                         state.eval_history.append({"step": state.step, "eval_loss": round(eval_loss, 6)})
                         append_step_log(out, state.eval_history[-1])
-                if state.step < total_steps and checkpointer.due(state):
-                    checkpointer.save(state)
-                for callback in config.callbacks:
-                    if hasattr(callback, "on_step_end"):
-                        callback.on_step_end(state)
+                # Saves when due, runs the callbacks; interrupted (Ctrl-C, SIGTERM): saves, then stops.
+                checkpointer.at_step_end(state, total_steps, config.callbacks)
                 bar.set_postfix(
                     loss=f"{loss:.4f}", tok_s=f"{throughput.tokens_per_second:.0f}", refresh=False
                 )
