@@ -14,8 +14,10 @@ from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.demo.run import run_demo
 from qlora_lite.errors import UserError
 from qlora_lite.hub.push import push, resolve_adapter
+from qlora_lite.inference.adapters import AdapterSet, Completion
 from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.inference.generation import Generator, generate
+from qlora_lite.inference.server import serve
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.planner.memory import estimate_memory
 from qlora_lite.planner.planning import Plan, plan
@@ -29,6 +31,8 @@ from qlora_lite.training.run import TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterSet",
+    "Completion",
     "Generator",
     "HardwareProfile",
     "Plan",
@@ -47,6 +51,7 @@ __all__ = [
     "push",
     "resolve_adapter",
     "run_demo",
+    "serve",
     "train",
     "train_classifier",
 ]

@@ -12,9 +12,11 @@ import json
 import logging
 import pickle
 import random
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 
 from qlora_lite.checkpoint.store import CheckpointInfo, CheckpointStore
 from qlora_lite.errors import UserError
+from qlora_lite.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora_lite.training.loop import LoopState
 from qlora_lite.training.record import library_versions
 
@@ -139,6 +142,18 @@ def _torch_load(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def peft_adapter_files(model: torch.nn.Module) -> dict[str, bytes]:
+    """The adapter as PEFT itself saves it (adapter_config.json + adapter_model.safetensors, PEFT's key names),
+    so a user can load any checkpoint with plain `PeftModel.from_pretrained(base, checkpoint_dir)`.
+    `ADAPTER` keeps the full parameter names for an exact restore; the adapter is small next to the optimizer."""
+    save = getattr(model, "save_pretrained", None)
+    if save is None:  # not a PeftModel (a wrapper): nothing PEFT could load
+        return {}
+    with tempfile.TemporaryDirectory(prefix="qlora-lite-adapter-") as folder:
+        save(folder)
+        return {name: (Path(folder) / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+
+
 class Checkpointer:
     """Takes checkpoints of a training run on a time (and optionally step) interval."""
 
@@ -198,6 +213,7 @@ class Checkpointer:
             n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad
         }
         files = {
+            **peft_adapter_files(self.model),
             ADAPTER: save_safetensors(trainable),
             OPTIMIZER: _torch_bytes(self.optimizer.state_dict()),
             SCHEDULER: _torch_bytes(self.scheduler.state_dict()),

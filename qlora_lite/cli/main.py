@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     from qlora_lite.cli.classify import add_classify_parsers
 
     add_classify_parsers(sub)
+    from qlora_lite.cli.adapters import add_adapter_parsers
+
+    add_adapter_parsers(sub)
+    from qlora_lite.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -222,6 +228,14 @@ def _handler(command: str):
         from qlora_lite.cli.hub import run_push
 
         return run_push
+    if command == "serve":
+        from qlora_lite.cli.serve import run_serve
+
+        return run_serve
+    from qlora_lite.cli.adapters import COMMANDS as adapter_commands
+
+    if command in adapter_commands:
+        return adapter_commands[command]
     from qlora_lite.cli.classify import COMMANDS as classify_commands
 
     return classify_commands[command]

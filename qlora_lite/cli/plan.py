@@ -36,7 +36,12 @@ def add_plan_parser(subparsers: Any) -> None:
         help="predict peak memory and choose quantization, batch, sequence length, checkpointing, optimizer",
         description="Plan a run from a model folder holding only config.json; every knob can be fixed.",
     )
-    p.add_argument("--model", required=True, help="model folder (config.json is enough) or config.json")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model folder (config.json is enough), config.json, or a Hub id org/name[@revision] "
+        "(only its config.json is fetched)",
+    )
     p.add_argument(
         "--gpu", "--hardware", dest="gpu", default=None, help="named profile (t4, a100-80gb, cpu, ...)"
     )
@@ -78,6 +83,7 @@ _KNOBS = (
 
 def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = None) -> int:
     """Print the plan (table, or one JSON object with --json). A plan that does not fit still exits 0."""
+    from qlora_lite.model.source import resolve_model_source
     from qlora_lite.planner.planning import plan
 
     fixed: dict[str, Any] = {}
@@ -85,12 +91,13 @@ def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = Non
         value = getattr(args, name, None)
         if value is not None:
             fixed[name] = value
+    model = resolve_model_source(args.model)  # a Hub id: its config.json only, pinned to a commit
     lengths = None
     if getattr(args, "data", None):
         from qlora_lite.data.encoding import token_lengths
 
-        lengths = (lengths_from_data or token_lengths)(args.data, args.model)
-    the_plan = plan(args.model, data=lengths, hardware=getattr(args, "gpu", None), **fixed)
+        lengths = (lengths_from_data or token_lengths)(args.data, model)
+    the_plan = plan(model, data=lengths, hardware=getattr(args, "gpu", None), **fixed)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(the_plan.to_dict(), sort_keys=True) + "\n")
     else:

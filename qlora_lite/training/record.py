@@ -154,6 +154,7 @@ def build_run_record(
             "dropped_examples": prepared.stats.n_dropped,
         },
         "metrics": metrics,
+        "router_sample": list(getattr(prepared, "router_sample", [])),
         "history": state.history,
         "eval_history": state.eval_history,
         "hardware": hardware.to_dict(),

@@ -88,6 +88,7 @@ class PreparedData:
     stats: Any
     n_records: int
     eval_conversations: list = field(default_factory=list)
+    router_sample: list = field(default_factory=list)  # training prompts kept in the record for routing
 
 
 def show_progress_messages() -> None:
@@ -127,7 +128,10 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None, rec
         eval_items, tokenizer, max_seq_length, train_on=config.train_on
     )
     fingerprint = data_mod.fingerprint(records, spec)
-    return PreparedData(spec, fingerprint, train_examples, eval_examples, stats, len(records), eval_items)
+    sample = data_mod.prompt_sample(train_items)
+    return PreparedData(
+        spec, fingerprint, train_examples, eval_examples, stats, len(records), eval_items, sample
+    )
 
 
 def _plan(

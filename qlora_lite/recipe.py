@@ -1,0 +1,168 @@
+"""YAML recipes: every training option as a key, with the Hugging Face / TRL / Axolotl names as aliases.
+
+    # recipe.yaml
+    model: HuggingFaceTB/SmolLM2-135M-Instruct
+    data: train.jsonl
+    output_dir: runs/my-run
+    num_train_epochs: 2              # = epochs
+    per_device_train_batch_size: 4   # = micro_batch_size
+    load_in_4bit: true               # = quantization: nf4
+
+`load_recipe(path)` returns {option name: value}; command-line flags and keyword arguments override it. A key
+that is neither an option nor an alias is an error naming the file, the line and the closest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from qlora_lite.errors import UserError
+
+# Where things are (not options of the run itself, but keys a recipe may hold).
+PLACES = ("model", "data", "output_dir")
+
+
+def _flag(option: str, when_true: Any) -> Callable[[Any, str], dict[str, Any]]:
+    """An HF boolean that switches an option to a value (`bf16: true` -> compute_dtype bf16)."""
+
+    def convert(value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return {option: when_true} if value else {}
+
+    return convert
+
+
+def _quant_type(value: Any, where: str) -> dict[str, Any]:
+    if value != "nf4":
+        raise UserError(f"{where}: only nf4 4-bit quantization is supported (got {value!r}); use nf4")
+    return {"quantization": "nf4"}
+
+
+_HF_OPTIMIZERS = {
+    "adamw_torch": "adamw_torch",
+    "adamw_torch_fused": "adamw_torch",
+    "adamw_hf": "adamw_torch",
+    "adamw_8bit": "adamw_8bit",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
+}
+
+
+def _optim(value: Any, where: str) -> dict[str, Any]:
+    if value not in _HF_OPTIMIZERS:
+        raise UserError(f"{where}: optimizer {value!r} is not one of {', '.join(_HF_OPTIMIZERS)}")
+    return {"optimizer": _HF_OPTIMIZERS[value]}
+
+
+def _renamed(option: str) -> Callable[[Any, str], dict[str, Any]]:
+    return lambda value, where: {option: value}
+
+
+# The ecosystem's names -> ours. Same meaning; a plain rename unless a value needs translating.
+ALIASES: dict[str, Callable[[Any, str], dict[str, Any]]] = {
+    "model_name_or_path": _renamed("model"),
+    "base_model": _renamed("model"),  # Axolotl
+    "dataset": _renamed("data"),
+    "num_train_epochs": _renamed("epochs"),
+    "per_device_train_batch_size": _renamed("micro_batch_size"),
+    "lr_scheduler_type": _renamed("lr_scheduler"),
+    "optim": _optim,
+    "bf16": _flag("compute_dtype", "bf16"),
+    "fp16": _flag("compute_dtype", "fp16"),
+    "max_length": _renamed("max_seq_length"),
+    "sequence_len": _renamed("max_seq_length"),  # Axolotl
+    "save_steps": _renamed("save_every_steps"),
+    "save_total_limit": _renamed("keep_checkpoints"),
+    "eval_steps": _renamed("eval_every"),
+    "load_in_4bit": _flag("quantization", "nf4"),
+    "load_in_8bit": _flag("quantization", "int8"),
+    "bnb_4bit_quant_type": _quant_type,
+    "bnb_4bit_use_double_quant": _renamed("double_quant"),
+    "r": _renamed("lora_r"),
+    "target_modules": _renamed("lora_target_modules"),
+}
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Top-level key -> its 1-based line in the YAML text (for messages that point at the line)."""
+    import yaml
+
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None or not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
+def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
+    """(mapping, key -> line) of a recipe file; every problem is a UserError naming the file (and line)."""
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
+        raise UserError("recipes need PyYAML: pip install pyyaml") from exc
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"recipe {file} not found: check the path given to --config")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"recipe {file} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file} line {mark.line + 1}" if mark else str(file)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: a recipe is a mapping of option: value, got a {type(data).__name__}")
+    return data, lines
+
+
+def load_recipe(path: str | os.PathLike, known: Iterable[str]) -> dict[str, Any]:
+    """{option: value} from a recipe, aliases translated; `known` are the option names the command takes."""
+    data, lines = read_yaml(path)
+    known = set(known) | set(PLACES)
+    options: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in data.items():
+        where = f"{path} line {lines.get(key, '?')}"
+        key_text = str(key)
+        if key_text in known:
+            found = {key_text: value}
+        elif key_text in ALIASES:
+            found = ALIASES[key_text](value, f"{where} ({key_text})")
+        else:
+            close = difflib.get_close_matches(key_text, sorted(known | set(ALIASES)), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{where}: unknown key {key_text!r}{hint}")
+        for option, converted in found.items():
+            if option in options and options[option] != converted:
+                raise UserError(
+                    f"{where}: {key_text!r} sets {option} to {converted!r}, but {origin[option]} already set it "
+                    f"to {options[option]!r}: keep one of them"
+                )
+            options[option] = converted
+            origin[option] = f"{key_text!r} (line {lines.get(key, '?')})"
+    return options
+
+
+def merge(recipe: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's options overridden by what was given explicitly (flags, keyword arguments)."""
+    return {**recipe, **{k: v for k, v in explicit.items() if v is not None}}
+
+
+def dump_recipe(options: Mapping[str, Any]) -> str:
+    """An effective configuration as a recipe (YAML), keys sorted, ready for `--config`."""
+    import yaml
+
+    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(options.items()) if v is not None}
+    return yaml.safe_dump(plain, sort_keys=True, allow_unicode=True)
