@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import qlora_lite
 from qlora_lite.checkpoint.manifest import CheckpointInfo, verify_checkpoint
@@ -49,7 +50,7 @@ class SignalAt:
         layer = model.get_base_model().model.layers[0]
         self.handles.append(layer.register_forward_pre_hook(self.forward))
         self.handles.append(layer.register_full_backward_hook(self.backward))
-        self.handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(self.optimizer_step))
+        self.handles.append(register_optimizer_step_post_hook(self.optimizer_step))
 
     # Forward calls in training mode: 1 is the probe; step k runs 2k and 2k+1 (two micro-batches).
     def forward(self, module, args) -> None:

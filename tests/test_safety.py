@@ -160,6 +160,16 @@ def test_rotation_in_a_shared_durable_place_touches_only_verified_checkpoints_of
     assert checkpoints(drive) == ["checkpoint-000002", "checkpoint-000003", "checkpoint-000012"]
 
 
+def test_a_durable_copy_never_replaces_another_runs_checkpoint_of_the_same_step(tmp_path):
+    drive = tmp_path / "drive"
+    with CheckpointStore(tmp_path / "a", drive, background=False, run_id="run-a") as a:
+        a.save(2, {"a.bin": b"first run"}, {})
+    with CheckpointStore(tmp_path / "b", drive, background=False, run_id="run-b") as b:
+        b.save(2, {"a.bin": b"second run"}, {})
+        assert "belongs to another run" in b.last_durable_error
+    assert (drive / "checkpoint-000002" / "a.bin").read_bytes() == b"first run"
+
+
 def test_two_runs_with_the_same_output_name_on_one_drive_keep_both(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_LITE_DRIVE_ROOT", str(tmp_path / "MyDrive"))
     (tmp_path / "MyDrive").mkdir()
@@ -261,3 +271,61 @@ def test_qlora_lite_resume_works_on_a_fresh_machine_from_the_durable_place_alone
     printed = json.loads(capsys.readouterr().out)
     assert printed["resumed_from_step"] == 4 and printed["steps"] == 6
     assert same_adapter(out, reference)
+
+
+# ------------------------------------------------------------------------------- 7. one process per run
+
+
+def test_a_second_process_on_a_locked_run_exits_2_and_the_first_finishes_unharmed(
+    tiny_model, tmp_path, reference
+):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    gate.mkdir()
+    job = {"model": tiny_model, "data": str(data), "out": str(out), "settings": SETTINGS, "pause_at_step": 3}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    worker = str(Path(__file__).with_name("train_worker.py"))
+    first = subprocess.Popen(
+        [sys.executable, worker, json.dumps({**job, "pause_dir": str(gate)})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not (gate / "paused").exists():  # the first run holds the folder, mid-run
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        argv = ["train", "--model", tiny_model, "--data", str(data), "--output", str(out), "--no-progress"]
+        second = subprocess.run(
+            [sys.executable, "-m", "qlora_lite", *argv, "--max-steps", "6", "--effective-batch-size", "4"],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "in use by process" in lines[0] and str(first.pid) in lines[0], lines
+    finally:
+        (gate / "go").write_text("")
+        stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["metrics"]["steps"] == 6
+    x, y = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    for key in y:  # unharmed: the uninterrupted result (another process: thread counts may differ)
+        torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-6)
+    assert checkpoints(out / "checkpoints") == ["checkpoint-000004", "checkpoint-000006"]
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    from qlora_lite.checkpoint.lock import RunLock
+
+    (tmp_path / ".qlora-lite.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "started_unix": 0}))
+    with RunLock(tmp_path):  # no process holds it (the kernel dropped its flock when it died)
+        with pytest.raises(UserError, match=r"in use by process \d+"):
+            RunLock(tmp_path).acquire()  # a second cell in the same process is refused too
+    with RunLock(tmp_path):
+        pass

@@ -26,7 +26,7 @@ def describe_error(exc: BaseException) -> str:
         if exc.filename and str(exc.filename) not in text:
             text += f": {exc.filename}"
         return f"{text} [{errno.errorcode[exc.errno]}]"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"  # one line (HTTP errors carry several)
 
 
 class DurableCopier:

@@ -245,6 +245,10 @@ class FolderBackend(DurableBackend):
             checked = verify_checkpoint(tmp, "durable", name=name)
             if isinstance(checked, SkippedCheckpoint):
                 raise OSError(errno.EIO, f"the copy does not match its manifest: {checked.reason}")
+            there = read_manifest_file(self.root / name / MANIFEST) or {}
+            if there.get("run_id") not in (None, manifest.get("run_id")):
+                # Two runs writing into one place (same output name on one Drive): never replace the other's.
+                raise OSError(errno.EEXIST, f"{name} there belongs to another run (run id {there['run_id']})")
             publish_dir(tmp, self.root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
