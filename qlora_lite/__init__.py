@@ -17,6 +17,8 @@ from qlora_lite.hub.push import push, resolve_adapter
 from qlora_lite.inference.adapters import AdapterSet, Completion
 from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.inference.generation import Generator, generate
+from qlora_lite.inference.merge import merge_adapter
+from qlora_lite.inference.router import Router
 from qlora_lite.inference.server import serve
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.planner.memory import estimate_memory
@@ -36,6 +38,7 @@ __all__ = [
     "Generator",
     "HardwareProfile",
     "Plan",
+    "Router",
     "TrainResult",
     "UserError",
     "classify",
@@ -47,6 +50,7 @@ __all__ = [
     "get_profile",
     "load_classifier",
     "load_records",
+    "merge_adapter",
     "plan",
     "push",
     "resolve_adapter",

@@ -38,6 +38,12 @@ class TrainConfig:
     data: Any
     output_dir: str
     # data
+    data_config: str | None = None  # a Hub data set's config (subset)
+    data_split: str | None = None  # a Hub data set's split (None: train)
+    chat_template: str | None = (
+        None  # None: the tokenizer's own (ChatML if none); chatml/llama3/gemma; a file
+    )
+    model_revision: str | None = None  # a Hub model's branch/tag/commit (also `org/name@revision`)
     format: str | None = None
     columns: dict[str, str] | None = None
     eval_fraction: float = 0.1

@@ -29,7 +29,7 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parent.parent
 COLAB = ROOT / "colab"
-NOTEBOOKS = ("quickstart.ipynb", "python_api.ipynb", "resume.ipynb")
+NOTEBOOKS = ("quickstart.ipynb", "python_api.ipynb", "resume.ipynb", "adapters.ipynb")
 CELL_TIMEOUT = 240  # seconds; a smoke cell takes ~20 s on 2 CPU cores
 KERNEL = "qlora-lite-overlay"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -191,6 +191,22 @@ def test_resume_notebook_interrupts_and_resumes_from_drive(kernel_env):
     )  # from the Drive copy: the local one was deleted
     assert "steps: 3 - nothing was retrained" in text
     assert any((kernel_env["drive"] / "qlora_lite" / "resume-demo").glob("checkpoint-*"))
+
+
+def test_adapters_notebook_switches_routes_and_merges(kernel_env):
+    nb = execute(read("adapters.ipynb"), kernel_env["work"])
+    text = all_text(nb)
+    assert not errors(nb), text
+    assert "['orders', 'dates']" in text and "nf4" in text  # one AdapterSet with both runs
+    assert re.search(r"orders  with orders : exact match \d+/2", text)
+    assert re.search(r"dates   with the base: exact match \d+/2", text)
+    assert "Route(adapter='orders'" in text and "Route(adapter='dates'" in text
+    assert "Route(adapter=None" in text and "'accuracy':" in text
+    assert "vLLM" in text and "llama.cpp" in text
+    assert "max logit difference vs base + adapter:" in text
+    work = kernel_env["work"]
+    assert (work / "runs" / "router.json").is_file()
+    assert (work / "merged" / "dates" / "model.safetensors").is_file()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -80,16 +80,13 @@ def hub_copy(tiny_model: str, folder: Path, hub_id: str) -> str:
 
 def test_run_identity_names_the_hub_model_and_its_commit():
     config = make_config("m", ROWS, "out")
-    base = {
-        "hub_id": "Qwen/Qwen2.5-0.5B-Instruct",
-        "commit": "a" * 40,
-        "config_sha256": None,
-        "revision": None,
-    }
+    base = {"hub_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "a" * 40, "config_sha256": "c" * 64}
     same = run_identity(config, base, "fp")
     assert run_identity(config, {**base, "path": "/elsewhere"}, "fp") == same  # paths differ between machines
-    assert run_identity(config, {**base, "hub_id": "Qwen/Qwen2.5-0.5B"}, "fp") != same
-    assert run_identity(config, {**base, "commit": "b" * 40}, "fp") != same
+    assert (
+        run_identity(config, {**base, "hub_id": "Qwen/Qwen2.5-0.5B"}, "fp") != same
+    )  # same commit, other id
+    assert run_identity(config, {**base, "revision": "b" * 40}, "fp") != same  # the commit
 
 
 def test_a_rerun_against_another_hub_model_is_refused(tiny_model, tmp_path):

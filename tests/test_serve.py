@@ -31,11 +31,16 @@ def lora(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(lora):
+def adapter_set(lora):
     from qlora_lite.inference.adapters import AdapterSet
 
     base, paths = lora
-    with running(AdapterSet(base, paths, quantization=QUANTIZATION)) as handle:
+    return AdapterSet(base, paths, quantization=QUANTIZATION)
+
+
+@pytest.fixture(scope="module")
+def server(adapter_set):
+    with running(adapter_set) as handle:
         yield handle
 
 
@@ -214,3 +219,134 @@ def test_adapters_load_and_unload_at_run_time_in_vllms_shape(server, lora, tmp_p
 def test_health_answers(server):
     status, body = get(server, "/health")
     assert status == 200 and body["status"] == "ok"
+
+
+def test_classify_answers_for_a_classifier_adapter_loaded_at_run_time(server, lora, tmp_path):
+    from qlora_lite.inference.classification import load_classifier
+    from qlora_lite.training.classifier import train_classifier
+
+    rows = [
+        {"text": f"I {w} thing {i}", "label": lab}
+        for i in range(6)
+        for lab, w in (("pos", "love"), ("neg", "hate"))
+    ]
+    fast = dict(max_steps=2, effective_batch_size=4, micro_batch_size=2, progress=False, lora_r=4, seed=3)
+    run = train_classifier(lora[0], rows, str(tmp_path / "cls"), eval_fraction=0.25, **fast).output_dir
+    status, _ = post(server, "/v1/load_lora_adapter", {"lora_name": "sentiment", "lora_path": str(run)})
+    assert status == 200
+    try:
+        texts = ["I love thing 9", "I hate it", "thing"]
+        status, body = post(server, "/v1/classify", {"model": "sentiment", "input": texts})
+        assert status == 200, body
+        expected = load_classifier(run).predict(texts)
+        assert [d["label"] for d in body["data"]] == [e["label"] for e in expected]
+        for got, want in zip(body["data"], expected, strict=True):
+            # Same weights, same 4-bit kernels; the last digits move with the thread count of the moment.
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-3)
+            assert got["num_classes"] == 2 and got["probs"] == list(got["probabilities"].values())
+        assert (
+            body["object"] == "list" and body["model"] == "sentiment" and body["usage"]["prompt_tokens"] > 0
+        )
+        card = client(server).models.retrieve("sentiment")
+        assert card.model_extra["task"] == "classification" and card.model_extra["parent"] == lora[0]
+        assert_openai_error(
+            *post(server, "/v1/chat/completions", {"model": "sentiment", "messages": CHAT}), 400
+        )
+        assert_openai_error(*post(server, "/v1/classify", {"model": "alpha", "input": "hi"}), 400)
+        assert_openai_error(*post(server, "/v1/classify", {"model": "sentiment", "input": []}), 400)
+    finally:
+        post(server, "/v1/unload_lora_adapter", {"lora_name": "sentiment"})
+
+
+def test_print_vllm_writes_the_equivalent_command_and_the_compatibility(lora, tmp_path, capsys):
+    from qlora_lite.cli.main import main
+
+    base, paths = lora
+    big = make_adapter(base, tmp_path / "big", seed=5, r=32)
+    dora = make_adapter(base, tmp_path / "dora", seed=6, use_dora=True)
+    argv = ["serve", "--print-vllm", "--model", "org/tiny-base", "--adapter", f"alpha={paths['alpha']}"]
+    assert main([*argv, "--adapter", f"big={big}", "--adapter", f"dora={dora}"]) == 0
+    out = capsys.readouterr().out
+    command = out.splitlines()[0]
+    assert command.startswith("vllm serve org/tiny-base --enable-lora --lora-modules ")
+    assert f"alpha={paths['alpha']}" in command and f"big={big}" in command
+    assert "--max-lora-rank 32" in command and "--max-loras 3" in command
+    verdicts = {
+        line.split(":")[0].strip("# ").strip(): line for line in out.splitlines() if line.startswith("#   ")
+    }
+    assert "accepts" in verdicts["alpha"] and "DoRA" in verdicts["dora"]
+    # Without --model the base comes from the adapters themselves; it serves nothing and loads no weights.
+    assert main(["serve", "--print-vllm", "--adapter", f"alpha={paths['alpha']}"]) == 0
+    assert capsys.readouterr().out.startswith(f"vllm serve {base} ")
+
+
+def test_cli_serve_starts_a_real_server(lora, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    base, paths = lora
+    cmd = [
+        sys.executable,
+        "-m",
+        "qlora_lite",
+        "serve",
+        "--model",
+        base,
+        "--adapter",
+        f"alpha={paths['alpha']}",
+    ]
+    env = {**os.environ, "QLORA_LITE_API_KEY": "cli-key", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*cmd, "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in process.stderr:  # the socket listens before this line is written: no waiting needed
+            found = re.search(r"serving on (http://\S+/v1)", line)
+            if found:
+                break
+        else:
+            pytest.fail("the server never said where it listens")
+        import openai as openai_client
+
+        models = openai_client.OpenAI(base_url=found.group(1), api_key="cli-key", max_retries=0).models.list()
+        assert {m.id for m in models} == {base, "alpha"}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert main_exit_for_bad_adapter_flag() == 2
+
+
+def main_exit_for_bad_adapter_flag() -> int:
+    from qlora_lite.cli.main import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--adapter", "no-equals-sign"])
+    return caught.value.code
+
+
+def test_model_auto_asks_the_router_and_says_which_adapter_answered(adapter_set, server, tmp_path):
+    from qlora_lite.inference.router import Router
+
+    path = Router.from_keywords({"alpha": ["fox"], "beta": ["dog"]}).save(tmp_path / "router.json")
+    with running(adapter_set, router=str(path)) as handle:
+        assert "auto" in {m.id for m in client(handle).models.list()}
+        for text, expected in (("Tell me about the fox.", "alpha"), ("Tell me about the dog.", "beta")):
+            messages = [{"role": "user", "content": text}]
+            routed = chat(handle, "auto", messages=messages)
+            assert routed.model == expected and routed.model_extra["route"]["adapter"] == expected
+            assert (
+                routed.choices[0].message.content
+                == chat(server, expected, messages=messages).choices[0].message.content
+            )
+            chunks = list(chat(handle, "auto", messages=messages, stream=True))
+            assert {c.model for c in chunks} == {expected}
+        fallback = chat(handle, "auto", messages=[{"role": "user", "content": "Hello there"}])
+        assert fallback.model == adapter_set.base_id and fallback.model_extra["route"]["adapter"] is None
+        assert "threshold" in fallback.model_extra["route"]["reason"]
+    with pytest.raises(openai.NotFoundError):  # no router, no "auto"
+        chat(server, "auto")
+    from qlora_lite.errors import UserError
+
+    wrong = Router.from_keywords({"gamma": ["cat"]}).save(tmp_path / "wrong.json")
+    with pytest.raises(UserError, match="gamma"):
+        running(adapter_set, router=str(wrong)).__enter__()

@@ -1,9 +1,10 @@
 """Runs one `qlora_lite.train` call in a subprocess for the kill/resume tests, optionally SIGKILLing itself.
 
 argv[1] is JSON: {"model", "data", "out", "settings", "kill_at_forward": N | null, "kill_after_seconds": S | null,
-"pause_at_step": N | null, "pause_dir": folder}. With pause_at_step, it writes `<pause_dir>/paused` at the end of
-that step and waits until `<pause_dir>/go` exists.
-Prints one JSON line with the result's metrics and resumed_from_step when it finishes.
+"pause_at_step": N | null, "pause_dir": folder, "kill_rank": R | null}. With pause_at_step, it writes
+`<pause_dir>/paused` at the end of that step and waits until `<pause_dir>/go` exists. Under torchrun, the kill
+happens only on rank `kill_rank` (default: every rank).
+Prints one JSON line with the result's metrics and resumed_from_step when it finishes (rank 0 only).
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def main() -> None:
     job = json.loads(sys.argv[1])
     import qlora_lite
 
-    killer = Killer(job.get("kill_at_forward"), job.get("kill_after_seconds"))
-    pause = Pause(job.get("pause_at_step"), job.get("pause_dir"))
-    result = qlora_lite.train(
-        job["model"], job["data"], job["out"], callbacks=[killer, pause], **job["settings"]
-    )
-    print(json.dumps({"metrics": result.metrics, "resumed_from_step": result.resumed_from_step}))
+    rank = int(os.environ.get("RANK", 0))
+    callbacks: list = [Pause(job.get("pause_at_step"), job.get("pause_dir"))]
+    if job.get("kill_rank") in (None, rank):
+        callbacks.append(Killer(job.get("kill_at_forward"), job.get("kill_after_seconds")))
+    result = qlora_lite.train(job["model"], job["data"], job["out"], callbacks=callbacks, **job["settings"])
+    if rank == 0:
+        print(json.dumps({"metrics": result.metrics, "resumed_from_step": result.resumed_from_step}))
 
 
 if __name__ == "__main__":

@@ -43,13 +43,14 @@ ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP, SCALER = (
 # The settings that define a run: a checkpoint made with other values belongs to another run.
 IDENTITY_SETTINGS = (
     "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format",
+    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format", "chat_template", "data_config", "data_split",
 )  # fmt: skip
 
 
-# What names the base model across machines: its Hub id and commit, and (for a local folder) hashes of its
-# config and weights. The path is left out: the same model sits at another path on another machine.
-MODEL_IDENTITY = ("hub_id", "commit", "revision", "config_sha256")
+# What names the base model across machines: its Hub id (another model is another run, even at an equal
+# commit), its revision (the Hub commit sha, or a hash of a local folder's files) and a hash of its config.
+# The path is left out: the same model sits at another path on another machine.
+MODEL_IDENTITY = ("hub_id", "revision", "config_sha256")
 
 
 def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, Any]:

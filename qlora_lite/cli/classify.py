@@ -52,7 +52,9 @@ def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("train-classifier", help="train LoRA + a classification head on labelled texts")
     t.add_argument("--model", required=True, help="model folder or Hub id (decoder or encoder)")
-    t.add_argument("--data", required=True, help="JSONL, JSON, CSV or Parquet file with text + label")
+    t.add_argument(
+        "--data", required=True, help="JSONL, JSON, CSV or Parquet file with text + label, or a Hub data set"
+    )
     t.add_argument("--output", required=True, help="run folder to write")
     t.add_argument("--eval-data", help="held-out file (default: a stratified --eval-fraction split)")
     t.add_argument("--text-column", help="default: text/sentence/content")
@@ -149,7 +151,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = (
-    "columns", "max_steps", "epochs", "learning_rate", "seed", "lora_alpha", "lora_dropout", "eval_fraction",
+    "columns", "data_config", "data_split", "model_revision", "max_steps", "epochs", "learning_rate", "seed", "lora_alpha", "lora_dropout", "eval_fraction",
     "eval_every", "overwrite", "quantization", "double_quant", "compute_dtype", "micro_batch_size",
     "gradient_accumulation_steps", "effective_batch_size", "max_seq_length", "gradient_checkpointing", "optimizer",
     "attn_implementation", "lora_r", "lora_target_modules", "max_memory", "checkpoint_dir", "save_every_minutes",

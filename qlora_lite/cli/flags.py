@@ -74,9 +74,19 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_hub_source_flags(parser: argparse.ArgumentParser) -> None:
+    """Which revision of a Hub model, which config/split of a Hub data set (--model/--data org/name)."""
+    parser.add_argument(
+        "--model-revision", help="branch, tag or commit of a Hub model (or --model org/name@REV)"
+    )
+    parser.add_argument("--data-config", help="config (subset) of a Hub data set given as --data org/name")
+    parser.add_argument("--data-split", help="split of a Hub data set (default: train)")
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The schedule, LoRA, checkpoint and planner flags every training command shares."""
     parser.add_argument("--columns", type=columns_arg, metavar="ROLE=COL,...")
+    add_hub_source_flags(parser)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -92,7 +102,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 TRAIN_FLAGS = (
-    "format", "columns", "max_steps", "epochs", "learning_rate", "seed", "lora_alpha", "lora_dropout",
+    "format", "columns", "data_config", "data_split", "chat_template", "model_revision", "max_steps", "epochs", "learning_rate", "seed", "lora_alpha", "lora_dropout",
     "eval_fraction", "eval_every", "eval_generations", "sample_generations", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
     "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_seq_length",
     "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "max_memory",

@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a LoRA adapter on a data file")
     t.add_argument("--model", required=True, help="model folder or Hub id")
-    t.add_argument("--data", required=True, help="JSONL, JSON, CSV or Parquet file")
+    t.add_argument(
+        "--data", required=True, help="JSONL, JSON, CSV or Parquet file, or a Hub data set org/name[@REV]"
+    )
+    t.add_argument(
+        "--chat-template",
+        help="the tokenizer's own (default; ChatML if it has none), chatml, llama3, gemma, or a Jinja file",
+    )
     t.add_argument("--output", required=True, help="run folder to write")
     t.add_argument("--format", help="data format (default: detected)")
     add_run_flags(t)
@@ -45,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--hub-public", dest="hub_private", action="store_false", default=None, help="make a new repo public"
+    )
+    t.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="train on N GPUs of this machine: starts N ranks with torchrun (same as `torchrun "
+        "--nproc_per_node N -m qlora_lite train ...`); see docs/distributed.md",
     )
 
     r = sub.add_parser("resume", help="continue an interrupted run with the settings it started with")
@@ -107,6 +120,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_lite.training import distributed
+
+    if args.gpus is not None and args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: give 1 or more")
+    if args.gpus and args.gpus > 1 and not distributed.ranks_from_environment().active:
+        # Notebook users cannot call torchrun around a cell: start it for them, without --gpus.
+        return distributed.launch(args.gpus, distributed.without_flag(args.argv, "--gpus"))
     from qlora_lite.training.run import train
 
     overrides: dict[str, Any] = {
@@ -114,7 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     overrides["progress"] = not args.no_progress
     result = train(args.model, args.data, args.output, **overrides)
-    print_result(result)
+    if distributed.ranks_from_environment().is_main:  # one answer per run, not one per rank
+        print_result(result)
     return 0
 
 
@@ -150,7 +171,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     else:
         result = train(saved["model"], saved["data"], str(run_dir), **settings)
-    print_result(result)
+    from qlora_lite.training.distributed import ranks_from_environment
+
+    if ranks_from_environment().is_main:  # under torchrun: one answer, from rank 0
+        print_result(result)
     return 0
 
 
@@ -273,6 +297,7 @@ def setup_logging(debug: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug)
     protect_token(os.environ.get("HF_TOKEN"))  # kept out of every log line and error message from here on
     handler = _handler(args.command)

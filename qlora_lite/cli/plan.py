@@ -46,8 +46,13 @@ def add_plan_parser(subparsers: Any) -> None:
         "--gpu", "--hardware", dest="gpu", default=None, help="named profile (t4, a100-80gb, cpu, ...)"
     )
     p.add_argument(
-        "--data", default=None, help="training data file: the sequence length follows its token lengths"
+        "--data",
+        default=None,
+        help="training data file or Hub data set org/name: the sequence length follows its token lengths",
     )
+    from qlora_lite.cli.flags import add_hub_source_flags
+
+    add_hub_source_flags(p)
     p.add_argument("--max-memory", default=None, help="memory budget, e.g. 14.5GiB, 16GB, 800MB")
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--gradient-accumulation-steps", type=int, default=None)
@@ -61,6 +66,19 @@ def add_plan_parser(subparsers: Any) -> None:
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), default=None)
     p.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default=None)
     p.add_argument("--attn-implementation", choices=ATTENTION, default=None)
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes training together (torchrun --nproc_per_node N): the plan is per device",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="shard weights, LoRA and optimizer over the N devices (FSDP-QLoRA, docs/distributed.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -78,6 +96,8 @@ _KNOBS = (
     "optimizer",
     "compute_dtype",
     "attn_implementation",
+    "world_size",
+    "fsdp",
 )
 
 
@@ -91,12 +111,17 @@ def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = Non
         value = getattr(args, name, None)
         if value is not None:
             fixed[name] = value
-    model = resolve_model_source(args.model)  # a Hub id: its config.json only, pinned to a commit
+    # A Hub id: its config.json only, pinned to a commit.
+    model = resolve_model_source(args.model, getattr(args, "model_revision", None))
     lengths = None
     if getattr(args, "data", None):
         from qlora_lite.data.encoding import token_lengths
+        from qlora_lite.data.hub_dataset import pin_data_source
 
-        lengths = (lengths_from_data or token_lengths)(args.data, model)
+        data = pin_data_source(
+            args.data, getattr(args, "data_config", None), getattr(args, "data_split", None)
+        )
+        lengths = (lengths_from_data or token_lengths)(data, model)
     the_plan = plan(model, data=lengths, hardware=getattr(args, "gpu", None), **fixed)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(the_plan.to_dict(), sort_keys=True) + "\n")

@@ -157,7 +157,10 @@ def _pairs(source: Any, config, where: str) -> tuple[list[dict], Any, list[tuple
 
 def load_labeled_data(config, *, labels: Sequence[Any] | None = None, eval_data: Any = None) -> LabeledData:
     """Load, validate and split; map labels to ids. Raises UserError for every data problem, naming it."""
-    records, spec, pairs = _pairs(config.data, config, "data")
+    from qlora_lite.data.hub_dataset import pin_data_source
+
+    data = pin_data_source(config.data, config.data_config, config.data_split)  # a Hub data set: its commit
+    records, spec, pairs = _pairs(data, config, "data")
     label_col = spec.columns["label"]
     if eval_data is not None:
         eval_records, _, held = _pairs(eval_data, config, "eval data")

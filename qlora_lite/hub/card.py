@@ -100,16 +100,18 @@ def render_model_card(
     quant = record.get("quantization") or {}
     lora, plan, data = record.get("lora") or {}, record.get("plan") or {}, record.get("data") or {}
     metrics, hp = record.get("metrics") or {}, record.get("hyperparameters") or {}
+    classifier = record.get("task") == "classification"
     tags = ["qlora_lite", "peft", "lora"] + (["qlora"] if quant.get("method") in ("nf4", "int8") else [])
     if base_id:
         tags.append(f"base_model:adapter:{base_id}")
     card_data = ModelCardData(
         base_model=base_id,
         library_name="peft",
-        pipeline_tag="text-generation" if record.get("task", "causal_lm") == "causal_lm" else None,
+        pipeline_tag="text-classification" if classifier else "text-generation",
         tags=tags,
         datasets=datasets or _dataset_ids(record),
-        license=license or record.get("license"),
+        # The base model's license (from its Hub card, recorded at training time): an adapter inherits it.
+        license=license or record.get("license") or (record.get("base_model") or {}).get("license"),
     )
     base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base_name(record)}`"
     if not base_id:
@@ -165,17 +167,27 @@ A LoRA adapter for {base_text}, trained with qlora_lite.
 
 {metric_table}
 {plot}
-## Usage
+{_classifier_usage(repo_id, base_ref) if classifier else _generation_usage(repo_id, base_ref)}"""
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
-With plain PEFT:
+
+def _generation_usage(repo_id: str, base_ref: str) -> str:
+    return f"""## Usage
+
+With plain PEFT (`generation_config.json` holds the stop tokens: the model's EOS and the end of a turn):
 
 ```python
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 base = AutoModelForCausalLM.from_pretrained("{base_ref}")
 model = PeftModel.from_pretrained(base, "{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model.generation_config = GenerationConfig.from_pretrained("{repo_id}")
+chat = tokenizer.apply_chat_template(
+    [{{"role": "user", "content": "Hello!"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+print(tokenizer.decode(model.generate(**chat, max_new_tokens=128)[0, chat["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
 With qlora_lite (loads the base quantized as in training):
@@ -188,4 +200,34 @@ print(generate("Hello!", adapter="{repo_id}"))
 
 or `qlora-lite generate {repo_id} --prompt "Hello!"`.
 """
-    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def _classifier_usage(repo_id: str, base_ref: str) -> str:
+    return f"""## Usage
+
+A text classifier: LoRA plus a trained head (saved through PEFT's `modules_to_save`); `labels.json` holds
+the label names. With plain transformers + PEFT:
+
+```python
+import json
+
+import torch
+from huggingface_hub import hf_hub_download
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+labels = json.load(open(hf_hub_download("{repo_id}", "labels.json")))
+base = AutoModelForSequenceClassification.from_pretrained(
+    "{base_ref}", num_labels=labels["num_labels"], id2label=labels["id2label"], label2id=labels["label2id"],
+    pad_token_id=labels["pad_token_id"],
+)
+model = PeftModel.from_pretrained(base, "{repo_id}").eval()
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+with torch.no_grad():
+    logits = model(**tokenizer(["turn the lights off"], return_tensors="pt")).logits
+print(labels["names"][logits.argmax(-1).item()])
+```
+
+With qlora_lite: `qlora_lite.classify("{repo_id}", ["turn the lights off"])`, or
+`qlora-lite classify {repo_id} "turn the lights off"`.
+"""

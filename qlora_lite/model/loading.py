@@ -13,7 +13,8 @@ import torch
 
 from qlora_lite.compat import keep_4bit_weights_differentiable
 from qlora_lite.errors import UserError
-from qlora_lite.run_files import RUN_RECORD
+from qlora_lite.model.source import ModelSource, resolve_model_source
+from qlora_lite.run_files import GENERATION_CONFIG, RUN_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model(model: str | os.PathLike) -> str:
-    """A local folder with config.json, or a Hub id (only reachable when the user is online)."""
-    text = str(model)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model folder {path} has no config.json: point --model at a Hugging Face model folder"
-            )
-        return str(path)
-    # A Hub id is "name" or "owner/name"; anything else that is not a folder is a path that does not exist.
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1
-    if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(
-            f"model {text!r} not found: it is not a local folder"
-            + (" (and HF_HUB_OFFLINE=1 forbids the Hub)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
-            + "; give a folder holding config.json or a Hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
-        )
-    return text
+    """A local folder with config.json, or a Hub id (checked on the Hub, config.json fetched): what
+    `from_pretrained` takes. `resolve_model_source` also gives the commit to pin."""
+    return resolve_model_source(model).name
 
 
 WEIGHT_PATTERNS = (
@@ -184,15 +170,16 @@ def attach_lora(
         raise UserError(f"LoRA target modules {targets!r} do not match this model: {exc}") from exc
 
 
-def load_tokenizer(model_path: str, revision: str | None = None):
+def load_tokenizer(model: str | ModelSource, revision: str | None = None):
+    """The tokenizer of a folder, a Hub id (at `revision`) or a resolved `ModelSource` (at its commit)."""
     from transformers import AutoTokenizer
 
+    if isinstance(model, ModelSource):
+        model, revision = model.name, revision or model.revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except OSError as exc:
-        raise UserError(
-            f"could not load the tokenizer of {model_path!r}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise UserError(f"could not load the tokenizer of {model!r}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -205,18 +192,21 @@ def read_run_record(path: str | os.PathLike) -> dict | None:
     return None
 
 
-def _base_of(adapter, record: dict | None) -> str | None:
-    """The base model of an adapter: the recorded path when it exists here, else its Hub id."""
+def base_model_of(adapter, record: dict | None) -> str | None:
+    """The base model of an adapter: the recorded path when it exists here, else its Hub id pinned to the
+    recorded commit (`org/name@sha`)."""
     if record is None:
         return None
-    path = record.get("base_model", {}).get("path")
+    base = record.get("base_model", {})
+    path = base.get("path")
     if path and Path(path).is_dir():
         return path
     from qlora_lite.hub.card import base_hub_id
 
     hub_id = base_hub_id(record)
     if hub_id:
-        return hub_id
+        revision = base.get("revision") or ""
+        return f"{hub_id}@{revision}" if revision and not revision.startswith("local-") else hub_id
     config = Path(adapter) / "adapter_config.json"
     if config.is_file():
         return json.loads(config.read_text()).get("base_model_name_or_path") or path
@@ -246,24 +236,30 @@ def load_for_inference(
         raise UserError(
             f"adapter folder {adapter} not found: give a run folder written by `qlora-lite train`"
         )
-    base = model or _base_of(adapter, record)
+    base = model or base_model_of(adapter, record)
     if base is None:
         raise UserError(f"{adapter}: no run_record.json names the base model; pass --model too")
     plan = (record or {}).get("plan", {})
     accelerator = accelerator or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = resolve_model_source(base)
     base_model = load_base_model(
-        resolve_model(base),
+        source.name,
+        revision=source.revision,
         quantization=quantization or plan.get("quantization", "nf4"),
         double_quant=plan.get("double_quant", True),
         compute_dtype=compute_dtype or plan.get("compute_dtype", "fp32" if accelerator == "cpu" else "bf16"),
         accelerator=accelerator,
         task=(record or {}).get("task", "causal_lm"),
     )
-    tokenizer = load_tokenizer(str(adapter) if record else resolve_model(base))
+    tokenizer = load_tokenizer(str(adapter) if record else source)
     if adapter is not None:
         from peft import PeftModel
 
         base_model = PeftModel.from_pretrained(base_model, str(adapter))
+        if (Path(adapter) / GENERATION_CONFIG).is_file():  # the run's stop tokens (see data.templates)
+            from transformers import GenerationConfig
+
+            base_model.generation_config = GenerationConfig.from_pretrained(str(adapter))
     base_model.config.use_cache = True  # training turns the KV cache off; generation wants it
     base_model.eval()
     return base_model, tokenizer

@@ -58,11 +58,18 @@ def choose_seq_len(lengths: Sequence[int] | None, limit: int | None) -> tuple[in
     return value, truncated, why
 
 
-def step_seconds(shape: ModelShape, hw: HardwareProfile, tokens: int, gc: bool, task: str) -> float:
+def step_seconds(
+    shape: ModelShape, hw: HardwareProfile, tokens: int, gc: bool, task: str, world_size: int = 1
+) -> float:
+    """Seconds of one optimizer step of `tokens` tokens spread over `world_size` devices.
+
+    Only the devices the run actually uses count: a machine with 8 GPUs runs a one-process run on one of
+    them. CPU ranks share the host's cores, so more CPU processes are no faster.
+    """
     params = count_parameters(shape, task=task)["total"]
     flops = (6 if gc else 4) * params * tokens  # forward 2N + backward 2N (input grads only) [+ recompute 2N]
     if hw.accelerator == "cuda" and hw.gpus:
-        rate = _GPU_FLOPS.get(tuple(hw.gpus[0].compute_capability), 40e12) * len(hw.gpus)
+        rate = _GPU_FLOPS.get(tuple(hw.gpus[0].compute_capability), 40e12) * max(1, world_size)
     else:
         rate = _CPU_FLOPS_PER_CORE * max(1, hw.cpu_count)
     return flops / rate
@@ -137,7 +144,9 @@ def explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effec
             else f"{mb}: fastest choice found ({format_bytes(peak)} {of})"
         )
     else:
-        reasons["micro_batch_size"] = f"{mb} = the effective batch {effective}: no accumulation needed"
+        reasons["micro_batch_size"] = (
+            f"{mb} = the examples per device per step ({effective}): no accumulation needed"
+        )
     if opt == "adamw_torch":
         reasons["optimizer"] = (
             f"AdamW fp32 states are small here ({format_bytes(est.breakdown['optimizer_states'])})"

@@ -337,15 +337,21 @@ def estimate_memory(
     task: str = "causal_lm",
     num_labels: int | None = None,
     lora_dropout: float = 0.05,
+    world_size: int = 1,
+    fsdp: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes of one LoRA/QLoRA training step, by component. Pure: reads only the config."""
+    """Peak bytes of one LoRA/QLoRA training step on one device, by component. Pure: reads only the config.
+
+    `world_size` > 1 is data parallel (each device holds a replica, plus a gradient bucket for the sum);
+    with `fsdp` the weights, LoRA, gradients and optimizer states are sharded over the devices instead.
+    """
     _check("quantization", quantization, QUANTIZATIONS)
     _check("compute_dtype", compute_dtype, tuple(COMPUTE_DTYPES))
     _check("optimizer", optimizer, tuple(OPTIMIZER_STATE_BYTES))
     _check("attn_implementation", attn_implementation, ATTENTION)
     _check("task", task, TASKS)
-    if micro_batch_size < 1 or seq_len < 1 or lora_r < 1:
-        raise UserError("micro_batch_size, seq_len and lora_r must be positive integers")
+    if micro_batch_size < 1 or seq_len < 1 or lora_r < 1 or world_size < 1:
+        raise UserError("micro_batch_size, seq_len, lora_r and world_size must be positive integers")
     shape = config if isinstance(config, ModelShape) else model_shape(config)
     counts = count_parameters(shape, task=task, num_labels=num_labels)
     dbytes = COMPUTE_DTYPES[compute_dtype]
@@ -365,7 +371,8 @@ def estimate_memory(
     else:
         weights, quant_state = linear * dbytes, 0
     other = counts["embeddings"] + counts["lm_head"] + counts["norms"] + counts["biases"]
-    other_bytes = other * (4 if quantized else dbytes)
+    # FSDP-QLoRA keeps the non-quantized weights in the storage (compute) dtype so they shard with the rest.
+    other_bytes = other * (4 if quantized and not fsdp else dbytes)
 
     targets = lora_targets(shape, lora_target_modules)
     lora = n * lora_r * sum(layer.in_features + layer.out_features for layer in targets)
@@ -404,6 +411,8 @@ def estimate_memory(
         "head" if task == "classification" else "logits_loss": int(logits),
         "cuda_context": CUDA_OVERHEAD_BYTES if device == "cuda" else 0,
     }
+    if world_size > 1:
+        _spread(breakdown, shape, targets, lora_r, weights, dbytes, world_size, fsdp)
     if device == "cpu" and dbytes == 2:
         notes.append("16-bit compute on CPU is about 2x slower than fp32 here")
     return MemoryEstimate(
@@ -412,3 +421,23 @@ def estimate_memory(
         params={**counts, "lora": lora},
         notes=tuple(notes),
     )
+
+
+GRADIENT_BUCKET_BYTES = 32 * 1024 * 1024  # training/distributed.py sums gradients in buckets of this size
+
+
+def _spread(breakdown, shape, targets, lora_r, weights, dbytes, world_size, fsdp) -> None:  # noqa: ANN001
+    """Per-device bytes with several devices (in place).
+
+    Data parallel: a full replica per device plus one flat gradient bucket for the all-reduce. FSDP: weights
+    (4-bit storage in the compute dtype), LoRA, its gradients and optimizer states are split over the
+    devices; the quantization state stays whole on each; two blocks (the running one and the prefetched
+    next) are gathered whole at a time; activations, logits and the CUDA context are per device as before.
+    """
+    if not fsdp:
+        breakdown["gradient_sync"] = min(breakdown["lora_grads"], GRADIENT_BUCKET_BYTES)
+        return
+    for key in ("base_linear_weights", "other_params", "lora_params", "lora_grads", "optimizer_states"):
+        breakdown[key] = math.ceil(breakdown[key] / world_size)
+    block_lora = lora_r * sum(layer.in_features + layer.out_features for layer in targets)
+    breakdown["fsdp_gathered_blocks"] = int(2 * (weights / shape.num_layers + block_lora * dbytes))

@@ -55,6 +55,8 @@ KNOBS = {
     "task": TASKS,
     "max_memory": None,  # a size, checked by parse_size
     "num_labels": int,
+    "world_size": int,  # processes training together (torchrun / accelerate launch); each plans for its device
+    "fsdp": (True, False),  # shard weights, LoRA and optimizer over the processes instead of replicating
 }
 
 
@@ -88,6 +90,8 @@ class Plan:
     nearest_fit: dict[str, Any] | None = None
     message: str = ""
     num_labels: int | None = None
+    world_size: int = 1
+    fsdp: bool = False
     shape: ModelShape | None = field(default=None, repr=False, compare=False)
 
     def _estimate(self, **changes: Any):
@@ -109,10 +113,12 @@ class Plan:
             device="cuda" if self.accelerator == "cuda" else "cpu",
             task=self.task,
             num_labels=self.num_labels,
+            world_size=self.world_size,
+            fsdp=self.fsdp,
         )
 
     def with_micro_batch(self, n: int) -> Plan:
-        """The same plan at micro-batch `n` (OOM backoff): accumulation = ceil(effective / n)."""
+        """The same plan at micro-batch `n` (OOM backoff): accumulation = ceil(per-device examples / n)."""
         if n < 1:
             raise ValueError("micro-batch size must be >= 1")
         estimate = self._estimate(micro_batch_size=n) if self.shape is not None else None
@@ -120,7 +126,7 @@ class Plan:
         return replace(
             self,
             micro_batch_size=n,
-            gradient_accumulation_steps=math.ceil(self.effective_batch_size / n),
+            gradient_accumulation_steps=math.ceil(math.ceil(self.effective_batch_size / self.world_size) / n),
             peak_memory_bytes=peak,
             breakdown=dict(estimate.breakdown) if estimate else self.breakdown,
             fits=peak <= self.usable_memory_bytes,
@@ -132,7 +138,7 @@ class Plan:
             "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
             "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
             "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
-            "estimated_step_seconds reasons fixed nearest_fit message accelerator"
+            "estimated_step_seconds reasons fixed nearest_fit message accelerator world_size fsdp"
         ).split()
         data = {key: getattr(self, key) for key in keys}
         data["hardware"] = self.hardware_name
@@ -165,6 +171,11 @@ class Plan:
             ("micro_batch_size", str(self.micro_batch_size)),
             ("gradient_accumulation_steps", str(self.gradient_accumulation_steps)),
             ("effective_batch_size", str(self.effective_batch_size)),
+            *(
+                [("world_size", f"{self.world_size}" + (" (FSDP)" if self.fsdp else ""))]
+                if self.world_size > 1
+                else []
+            ),
             ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
             ("optimizer", self.optimizer),
             ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
@@ -230,6 +241,7 @@ def plan(
     target = int(usable * HEADROOM.get(hw.accelerator, 0.9))
     reasons: dict[str, str] = {}
     task = fixed.get("task", "causal_lm")
+    world_size, fsdp = fixed.get("world_size", 1), fixed.get("fsdp", False)
 
     quantization = fixed.get("quantization", "nf4")
     reasons["quantization"] = (
@@ -263,8 +275,9 @@ def plan(
             raise UserError(
                 f"effective batch {effective} != micro-batch {mb_fixed} x accumulation {ga_fixed}: fix at most two"
             )
-        effective = mb_fixed * ga_fixed
-    effective = effective or (mb_fixed * ga_fixed if mb_fixed and ga_fixed else DEFAULT_EFFECTIVE_BATCH)
+        effective = mb_fixed * ga_fixed * world_size
+    effective = effective or DEFAULT_EFFECTIVE_BATCH
+    per_device = math.ceil(effective / world_size)  # each step's examples are split over the processes
 
     base = dict(
         quantization=quantization,
@@ -276,14 +289,16 @@ def plan(
         device=device,
         task=task,
         num_labels=fixed.get("num_labels"),
+        world_size=world_size,
+        fsdp=fsdp,
     )
 
     def micro_batches(free_all: bool) -> list[int]:
         if mb_fixed and not free_all:
             return [mb_fixed]
-        top = effective
+        top = per_device
         if ga_fixed and not free_all:
-            top = max(1, effective // ga_fixed)
+            top = max(1, per_device // ga_fixed)
         # Every size, not just powers of two: the loop runs a step's examples as micro-batches of any size
         # (e.g. 8 as 3+3+2) with the same update, so the largest size that fits can be used.
         return list(range(1, top + 1))
@@ -332,7 +347,7 @@ def plan(
             optimizer=fixed.get("optimizer", "paged_adamw_8bit" if device == "cuda" else "adamw_torch"),
         )
         est = estimate_memory(shape, **base, seq_len=seq, **knobs)
-        nearest = nearest_fit(search, seq, effective)
+        nearest = nearest_fit(search, seq, per_device)
         smallest = estimate_memory(
             shape,
             **base,
@@ -348,15 +363,16 @@ def plan(
             f" of usable memory."
         )
     mb = knobs["micro_batch_size"]
-    accumulation = ga_fixed if ga_fixed and mb_fixed else math.ceil(effective / mb)
-    if effective % mb:
+    accumulation = ga_fixed if ga_fixed and mb_fixed else math.ceil(per_device / mb)
+    ranks = f" x {world_size} processes" if world_size > 1 else ""
+    if per_device % mb:
         reasons["gradient_accumulation_steps"] = (
-            f"effective batch {effective} is not a multiple of micro-batch {mb}: each step still takes "
-            f"{effective} examples, as {accumulation} micro-batches ({mb} x {accumulation - 1} + {effective - mb * (accumulation - 1)})"
+            f"effective batch {effective} is not a multiple of micro-batch {mb}{ranks}: each step still takes "
+            f"{effective} examples, as {accumulation} micro-batches per device ({mb} x {accumulation - 1} + {per_device - mb * (accumulation - 1)})"
         )
     else:
         reasons["gradient_accumulation_steps"] = (
-            f"{mb} x {accumulation} keeps the effective batch at {effective}"
+            f"{mb} x {accumulation}{ranks} keeps the effective batch at {effective}"
         )
     if "effective_batch_size" in fixed:
         reasons["effective_batch_size"] = ""  # explain() already says "fixed by you"
@@ -364,12 +380,14 @@ def plan(
         reasons["effective_batch_size"] = f"your micro-batch {mb_fixed} x accumulation {ga_fixed}"
     else:
         reasons["effective_batch_size"] = f"default {effective}"
-    explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effective)
+    explain_choices(reasons, shape, base, seq, knobs, est, target, usable, per_device)
 
-    step_s = step_seconds(shape, hw, mb * accumulation * seq, knobs["gradient_checkpointing"], task)
+    step_s = step_seconds(
+        shape, hw, mb * accumulation * seq * world_size, knobs["gradient_checkpointing"], task, world_size
+    )
     state_bytes = est.breakdown["lora_params"] + est.breakdown["optimizer_states"]
     interval, reasons["checkpoint_every_seconds"] = checkpoint_interval(step_s, state_bytes, hw)
-    names = tuple(k for k in fixed if k != "max_memory")
+    names = tuple(k for k in fixed if k not in ("max_memory", "world_size"))
     return Plan(
         hardware_name=hw.name,
         accelerator=hw.accelerator,
@@ -401,5 +419,7 @@ def plan(
         nearest_fit=nearest,
         message=message,
         num_labels=base["num_labels"],
+        world_size=world_size,
+        fsdp=fsdp,
         shape=shape,
     )

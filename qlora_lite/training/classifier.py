@@ -32,9 +32,9 @@ from qlora_lite.model.loading import (
     check_has_weights,
     load_base_model,
     load_tokenizer,
-    resolve_model,
     torch_dtype,
 )
+from qlora_lite.model.source import resolve_model_source
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.run_files import CONFUSION_PLOT, LABELS_FILE  # noqa: F401 (re-exported)
 from qlora_lite.training.evaluation import (
@@ -196,11 +196,13 @@ def load_classification_base(
     compute_dtype: str,
     accelerator: str,
     attn_implementation: str | None = "sdpa",
+    revision: str | None = None,
     **config_kwargs: Any,
 ):
     """`model.load_base_model` for a classifier (the head stays out of 4/8-bit there)."""
     return load_base_model(
         model_path,
+        revision=revision,
         quantization=quantization,
         double_quant=double_quant,
         compute_dtype=compute_dtype,
@@ -212,7 +214,7 @@ def load_classification_base(
 
 
 def _plan(
-    model_path: str, lengths: list[int], hardware, config: TrainConfig, saved: dict | None, num_labels: int
+    model_path: Any, lengths: list[int], hardware, config: TrainConfig, saved: dict | None, num_labels: int
 ):
     from qlora_lite.planner.planning import plan as make_plan
 
@@ -264,10 +266,11 @@ def run_classifier(
 def _run_classifier_in(config, folder, data, started, labels, class_weights, eval_data) -> ClassifierResult:
     weights = cdata.resolve_class_weights(class_weights, data.mapping, data.train_ids)
     cdata.log_distribution(data, weights)
-    model_path = resolve_model(config.model)
+    source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
+    model_path = source.name
     check_has_weights(model_path)
-    tokenizer = load_tokenizer(model_path)
-    identity = run_identity(config, model_identity(model_path), data.fingerprint)
+    tokenizer = load_tokenizer(source)
+    identity = run_identity(config, model_identity(source), data.fingerprint)
     identity["classification"] = {"labels": list(data.mapping.names), "class_weights": weights}
     if not config.overwrite:
         cdata.check_saved_labels(Path(config.output_dir).expanduser() / RUN_RECORD, data.mapping)
@@ -298,7 +301,7 @@ def _run_classifier_in(config, folder, data, started, labels, class_weights, eva
 
     lengths = [len(ids) for ids in tokenizer([t for t, _ in data.train], truncation=False)["input_ids"]]
     the_plan = _plan(
-        model_path,
+        source,
         lengths,
         hardware,
         config,
@@ -314,7 +317,7 @@ def _run_classifier_in(config, folder, data, started, labels, class_weights, eva
         torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
     )
     base = load_classification_base(
-        model_path, quantization=the_plan.quantization, double_quant=the_plan.double_quant,
+        model_path, revision=source.revision, quantization=the_plan.quantization, double_quant=the_plan.double_quant,
         compute_dtype=the_plan.compute_dtype, accelerator=accelerator, attn_implementation=the_plan.attn_implementation,
         **data.mapping.config_kwargs(tokenizer.pad_token_id),
     )  # fmt: skip
@@ -396,13 +399,13 @@ def _run_classifier_in(config, folder, data, started, labels, class_weights, eva
             evaluation["confusion_matrix"],
             data.mapping.names,
             out / CONFUSION_PLOT,
-            title=f"{Path(model_path).name} LoRA classifier",
+            title=f"{source.display_name} LoRA classifier",
         )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_json_atomic(out / LABELS_FILE, data.mapping.to_file(tokenizer.pad_token_id))
     plot = plot_loss(
-        state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} LoRA classifier"
+        state.history, state.eval_history, out / LOSS_PLOT, title=f"{source.display_name} LoRA classifier"
     )
     prepared = PreparedData(
         data.spec,
@@ -413,7 +416,7 @@ def _run_classifier_in(config, folder, data, started, labels, class_weights, eva
         data.n_records,
     )
     record = build_run_record(
-        config=config, model_path=model_path, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
+        config=config, model_path=source, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
         total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
     )  # fmt: skip
     record.update(

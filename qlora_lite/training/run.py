@@ -19,6 +19,8 @@ from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.data import encoding as encode_mod
 from qlora_lite.data import formats as data_mod
+from qlora_lite.data.hub_dataset import HubDataset, pin_data_source
+from qlora_lite.data.templates import apply_chat_template_choice, end_of_turn, generation_config_for
 from qlora_lite.errors import UserError
 from qlora_lite.model.loading import (
     LoraSettings,
@@ -26,10 +28,11 @@ from qlora_lite.model.loading import (
     check_has_weights,
     load_base_model,
     load_tokenizer,
-    resolve_model,
     torch_dtype,
 )
+from qlora_lite.model.source import resolve_model_source
 from qlora_lite.planner.hardware import HardwareProfile, detect
+from qlora_lite.training import distributed as dp
 from qlora_lite.training.loop import (
     StepRunner,
     Throughput,
@@ -135,17 +138,22 @@ def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None, rec
 
 
 def _plan(
-    model_path: str, lengths: list[int], hardware: HardwareProfile, config: TrainConfig, saved: dict | None
+    model_path: Any,
+    lengths: list[int],
+    hardware: HardwareProfile,
+    config: TrainConfig,
+    saved: dict | None,
+    world_size: int = 1,
 ):
     from qlora_lite.planner.planning import plan as make_plan
 
-    fixed = config.fixed_knobs()
+    fixed = {**config.fixed_knobs(), "world_size": world_size}
     if saved is not None:
         # A resumed run keeps its plan; only the micro-batch split may change if this machine is smaller.
         kept = {k: saved[k] for k in KEPT_ON_RESUME if k in saved}
         if isinstance(kept.get("lora_target_modules"), list):
             kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
-        fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept}
+        fixed = {**{k: v for k, v in fixed.items() if k in ("max_memory", "world_size")}, **kept}
         the_plan = make_plan(
             model_path, data=lengths, hardware=hardware, micro_batch_size=saved["micro_batch_size"], **fixed
         )
@@ -166,33 +174,53 @@ def _plan(
 
 
 def run(config: TrainConfig) -> TrainResult:
+    """One run; under torchrun / accelerate launch, this process's rank of it (see training/distributed.py)."""
+    ranks, started_group = dp.init_ranks()
+    try:
+        return _run(config, ranks)
+    finally:
+        dp.close_ranks(started_group)
+
+
+def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
+    data_source = pin_data_source(
+        config.data, config.data_config, config.data_split
+    )  # a Hub data set: pinned to its commit before reading
     records, spec = data_mod.load_dataset_for_training(
-        config.data, format=config.format, columns=config.columns
+        data_source, format=config.format, columns=config.columns
     )
     if spec.task == "classification":  # labelled texts go to the classifier trainer
+        if ranks.active:
+            raise UserError("the classifier trains in one process: start it without torchrun/--gpus")
         from qlora_lite.training.classifier import run_classifier
 
         return run_classifier(config)
-    with RunFolder(config) as folder:  # locked for the whole run; its checkpoint store always closed
-        return _run_in(config, records, spec, folder)
+    # Rank 0 locks the run folder for the whole run; its checkpoint store is always closed.
+    with RunFolder(config, main=ranks.is_main) as folder:
+        return _run_in(config, ranks, data_source, records, spec, folder)
 
 
-def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> TrainResult:
+def _run_in(
+    config: TrainConfig, ranks: dp.Ranks, data_source, records: list, spec, folder: RunFolder
+) -> TrainResult:
     started = time.time()
     out = folder.path
+    dp.barrier(ranks)  # rank 0 alone prepares (and locks) the run folder; the others wait until it is ready
     hardware = config.hardware if isinstance(config.hardware, HardwareProfile) else None
     if hardware is None:
         from qlora_lite.planner.profiles import get_profile
 
         hardware = get_profile(config.hardware) if config.hardware else detect(out)
-    model_path = resolve_model(config.model)
+    hardware = dp.rank_hardware(hardware, ranks)  # each rank plans for its own device
+    source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
+    model_path = source.name
     check_has_weights(model_path)
-    tokenizer = load_tokenizer(model_path)
-    encode_mod.ensure_chat_template(tokenizer)
+    tokenizer = load_tokenizer(source)
+    template = apply_chat_template_choice(tokenizer, config.chat_template)
 
     unbounded = prepare_data(config, tokenizer, None, records, spec)
-    identity = run_identity(config, model_identity(model_path), unbounded.fingerprint)
-    finished = finished_record(out, identity)
+    identity = run_identity(config, model_identity(source), unbounded.fingerprint)
+    finished = dp.from_main(finished_record(out, identity) if ranks.is_main else None, ranks)
     if finished is not None:
         log.info(
             "%s already holds this run, finished at step %d: nothing to do", out, finished["metrics"]["steps"]
@@ -202,14 +230,23 @@ def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> Trai
             out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"]
         )
 
-    store = folder.open_store()
-    latest: CheckpointInfo | None = resume_point(config, store, identity)
+    store = folder.open_store() if ranks.is_main else dp.FollowerStore()
+    latest: CheckpointInfo | None = resume_point(config, store, identity) if ranks.is_main else None
     run_config = config.to_record()
-    write_json_atomic(out / RUN_CONFIG, run_config)
+    if ranks.is_main:
+        write_json_atomic(out / RUN_CONFIG, run_config)
+    latest, reader = dp.share_latest(store, latest, ranks)
 
-    the_plan = _plan(
-        model_path, unbounded.stats.lengths, hardware, config, latest.metadata.get("plan") if latest else None
-    )
+    saved_plan = latest.metadata.get("plan") if latest else None
+    # Rank 0 plans; the others keep its choices and fit only their micro-batch to their own device.
+    saved_plan = saved_plan if ranks.is_main else dp.from_main(None, ranks)
+    the_plan = _plan(source, unbounded.stats.lengths, hardware, config, saved_plan, ranks.world_size)
+    if ranks.is_main:
+        dp.from_main(the_plan.to_dict(), ranks)
+    dp.check_world_size(
+        the_plan.effective_batch_size, ranks, latest.metadata.get("world_size", 1) if latest else None,
+        config.lora_dropout,
+    )  # fmt: skip
     prepared = prepare_data(config, tokenizer, the_plan.max_seq_length, records, spec)
 
     seed_everything(config.seed)
@@ -219,6 +256,7 @@ def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> Trai
     )
     base = load_base_model(
         model_path,
+        revision=source.revision,  # the commit the plan and the run identity name
         quantization=the_plan.quantization,
         double_quant=the_plan.double_quant,
         compute_dtype=the_plan.compute_dtype,
@@ -243,8 +281,9 @@ def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> Trai
     )
     grad_scaler = make_grad_scaler(device, the_plan.compute_dtype)
     optimizer, scheduler, state = start_or_restore(
-        config, the_plan, model, total_steps, store, latest, out, grad_scaler
+        config, the_plan, model, total_steps, reader, latest, out if ranks.is_main else None, grad_scaler
     )
+    dp.broadcast_parameters(model, ranks)
 
     autocast_dtype = (
         None
@@ -255,15 +294,18 @@ def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> Trai
         model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
         max_grad_norm=config.max_grad_norm, autocast_dtype=autocast_dtype,
         grad_scaler=grad_scaler,
+        data_parallel=dp.DataParallel(ranks, [len(e.input_ids) for e in prepared.train], config.seed) if ranks.active else None,
     )  # fmt: skip
     every_seconds = (
         config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds
     )
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata=checkpoint_metadata(identity, the_plan, store, run_config),
+        metadata={**checkpoint_metadata(identity, the_plan, store, run_config), "world_size": ranks.world_size},
         every_seconds=every_seconds, every_steps=config.save_every_steps, grad_scaler=grad_scaler,
     )  # fmt: skip
+    if ranks.active:
+        checkpointer = dp.MainRankCheckpointer(checkpointer, ranks)
     eval_every = config.eval_every or max(1, total_steps // 5)
     train_seconds = probe_train_and_checkpoint(
         runner,
@@ -272,13 +314,20 @@ def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> Trai
         checkpointer,
         store,
         lambda: _run_steps(
-            config, out, prepared, runner, checkpointer, state, total_steps, the_plan.effective_batch_size,
-            eval_every, tokenizer,
+            config, out if ranks.is_main else None, prepared, runner, checkpointer, state, total_steps,
+            the_plan.effective_batch_size, eval_every, tokenizer,
         ),
     )  # fmt: skip
 
+    if not ranks.is_main:
+        dp.barrier(ranks)  # rank 0 writes the adapter, the record and pushes
+        metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
+        return TrainResult(
+            out, out, out / RUN_RECORD, None, metrics, the_plan, latest.step if latest else None
+        )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    generation_config_for(model, tokenizer).save_pretrained(out)  # stop at the learned end-of-turn too
     generations = None
     if config.eval_generations or config.sample_generations:
         from qlora_lite.training.generation_eval import before_after
@@ -290,14 +339,16 @@ def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> Trai
     if generations and "after" in generations:
         metrics["exact_match"] = generations["after"]["exact_match"]
         metrics["contains_match"] = generations["after"]["contains_match"]
-    plot = plot_loss(
-        state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} LoRA"
-    )
+    plot = plot_loss(state.history, state.eval_history, out / LOSS_PLOT, title=f"{source.display_name} LoRA")
     record = build_run_record(
-        config=config, model_path=model_path, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
+        config=config, model_path=source, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
         total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
     )  # fmt: skip
     record["generation_eval"] = generations
+    record["world_size"] = ranks.world_size
+    record["chat_template"] = {"template": template, "end_of_turn": end_of_turn(tokenizer)}
+    if isinstance(data_source, HubDataset):
+        record["data"].update(data_source.describe())  # the id and the commit the records came from
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
     if config.push_to_hub:
@@ -305,6 +356,7 @@ def _run_in(config: TrainConfig, records: list, spec, folder: RunFolder) -> Trai
 
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)
+    dp.barrier(ranks)
     return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
 
 
@@ -320,13 +372,19 @@ def _run_steps(
     eval_every,
     tokenizer,
 ) -> None:
-    """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar."""
+    """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar.
+
+    `out` is None on ranks other than 0: they neither log, evaluate nor show progress."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     throughput = Throughput()
     bar = tqdm(
-        total=total_steps, initial=state.step, disable=not config.progress, unit="step", dynamic_ncols=True
+        total=total_steps,
+        initial=state.step,
+        disable=not config.progress or out is None,
+        unit="step",
+        dynamic_ncols=True,
     )
     # Log lines (checkpoints saved, evals) print above the bar instead of breaking it.
     with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("qlora_lite")]):
@@ -351,8 +409,9 @@ def _run_steps(
                     "seconds": round(seconds, 4),
                 }
                 state.history.append(row)
-                append_step_log(out, row)
-                if state.step % eval_every == 0 or state.step == total_steps:
+                if out is not None:
+                    append_step_log(out, row)
+                if out is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     eval_loss = evaluate_loss(
                         runner.model,
                         prepared.eval,

@@ -76,13 +76,16 @@ class RunFolder:
     the checkpoint store opened through it (`folder.open_store()`) is closed on the way out, whatever happens.
     """
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, *, main: bool = True) -> None:
         self.config = config
         self.path = Path(config.output_dir).expanduser()
+        self.main = main  # False on ranks other than 0 of a distributed run: they write nothing here
         self.store: CheckpointStore | None = None
         self._lock: RunLock | None = None
 
     def __enter__(self) -> RunFolder:
+        if not self.main:
+            return self
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output {self.path} is a file: give a folder for the run")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -235,7 +238,7 @@ def make_grad_scaler(device: torch.device, compute_dtype: str) -> torch.amp.Grad
 
 
 def start_or_restore(
-    config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path, grad_scaler=None
+    config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path | None, grad_scaler=None
 ):
     """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
     from transformers import get_scheduler
@@ -253,7 +256,8 @@ def start_or_restore(
         check_same_parameters(latest, model)
         state = restore(store, latest, model, optimizer, scheduler, grad_scaler)
         state.micro_batch_size = the_plan.micro_batch_size  # the plan may have re-split it on this machine
-    rewrite_step_log(out, state.history, state.eval_history)
+    if out is not None:  # None on ranks other than 0: they write nothing
+        rewrite_step_log(out, state.history, state.eval_history)
     return optimizer, scheduler, state
 
 

@@ -95,15 +95,27 @@ def resolve_host(host: str | None, api_key: str | None) -> str:
     return host
 
 
-def load_router(router: Any) -> Any:
-    """A Router object as given, or one loaded from its saved file."""
-    if router is None or not isinstance(router, (str, os.PathLike)):
-        return router
-    from qlora_lite.inference.router import Router
+def load_router(router: Any, adapter_set: Any) -> Any:
+    """The router (an object, or loaded from its file), checked against the adapters being served."""
+    if router is None:
+        return None
+    if isinstance(router, (str, os.PathLike)):
+        from qlora_lite.inference.router import Router
 
-    if not os.path.isfile(router):
-        raise UserError(f"router file {router} not found: give the file written by `qlora-lite route`")
-    return Router.load(router)
+        router = Router.load(router)
+    missing = [name for name in router.adapters if name not in adapter_set.names]
+    if missing:
+        raise UserError(
+            f"the router sends requests to {', '.join(missing)}, which this server does not serve: "
+            f"add --adapter {missing[0]}=RUN_FOLDER (or rebuild the router for these adapters)"
+        )
+    if router.kind == "classifier":
+        # A classifier router whose run is one of the served adapters classifies on the loaded base.
+        wanted = os.path.realpath(router.state["classifier"])
+        for name in adapter_set.names:
+            if os.path.realpath(str(adapter_set.info(name).get("folder", ""))) == wanted:
+                router.bind_classifier(lambda text, name=name: adapter_set.classify([text], name)[0])
+    return router
 
 
 def build_app(
@@ -130,7 +142,7 @@ def build_app(
     else:
         adapter_set = AdapterSet(model, adapters, revision=revision, quantization=quantization)
     engine = Engine(
-        adapter_set, router=load_router(router),
+        adapter_set, router=load_router(router, adapter_set),
         max_batch=limits.max_batch, max_queue=limits.max_queue, max_tokens=limits.max_tokens,
     )  # fmt: skip
     return create_app(

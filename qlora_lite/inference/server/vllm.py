@@ -71,34 +71,15 @@ def _next_supported_rank(rank: int) -> int:
 
 
 def compatibility(adapters: Mapping[str, str]) -> list[str]:
-    """One line per adapter: whether vLLM's LoRA serving accepts it, and why not (from `adapters inspect`)."""
-    try:
-        from qlora_lite.inference.compat_report import vllm_report
-    except ImportError:
-        vllm_report = None
+    """One line per adapter: vLLM's verdict and its reasons (the report of `qlora-lite adapters inspect`)."""
+    from qlora_lite.inference.portability import adapter_report
+
     lines = []
     for name, path in adapters.items():
-        if vllm_report is not None:
-            ok, reasons = vllm_report(path)
-        else:
-            ok, reasons = _basic_vllm_check(path)
-        lines.append(f"{name}: " + ("vLLM accepts it" if ok else "vLLM refuses it: " + "; ".join(reasons)))
+        verdict = adapter_report(path)["vllm"]
+        text = "vLLM accepts it" if verdict["ok"] else "vLLM refuses it: " + "; ".join(verdict["reasons"])
+        lines.append(f"{name}: {text}" + "".join(f" (note: {n})" for n in verdict["notes"]))
     return lines
-
-
-def _basic_vllm_check(path: str) -> tuple[bool, list[str]]:
-    config = _adapter_config(path)
-    if config is None:
-        return False, [f"{path} holds no adapter_config.json (a Hub id is checked by vLLM when it loads)"]
-    reasons = []
-    if config.get("use_dora"):
-        reasons.append("DoRA adapters are not supported by vLLM")
-    if config.get("bias", "none") != "none":
-        reasons.append(f"bias={config['bias']!r} (vLLM needs bias='none')")
-    extra = [m for m in config.get("modules_to_save") or [] if m not in ("score", "classifier")]
-    if extra:
-        reasons.append(f"modules_to_save {extra} (vLLM loads only the LoRA matrices)")
-    return not reasons, reasons
 
 
 def print_vllm(model: str | None, adapters: Mapping[str, str]) -> str:
