@@ -115,3 +115,20 @@ def test_a_hub_listing_that_fails_at_start_is_an_error_not_a_fresh_start(
     assert not (fresh / "checkpoints").exists() or not list((fresh / "checkpoints").iterdir())
     if failure == "5xx":  # the Hub is back: the run continues from there, as it should have
         assert qlora_lite.train(tiny_model, ROWS, fresh, **settings).resumed_from_step == 2
+
+
+def test_overwrite_moves_the_hub_checkpoints_aside_instead_of_deleting_them(fake, tiny_model, tmp_path):
+    settings = {**SETTINGS, "checkpoint_dir": "hf://alice/run-ckpt", "save_every_steps": 1}
+    qlora_lite.train(tiny_model, ROWS, tmp_path / "a" / "run", **settings)
+    before = fake.files("alice/run-ckpt", branch="checkpoints")
+    assert {p.split("/")[1] for p in before} == {"checkpoint-000001", "checkpoint-000002"}
+    qlora_lite.train(tiny_model, ROWS, tmp_path / "b" / "run", overwrite=True, learning_rate=1e-3, **settings)
+    after = fake.files("alice/run-ckpt", branch="checkpoints")
+    archived = {p.split("/", 1)[1]: data for p, data in after.items() if p.startswith("archived-")}
+    assert archived == {p.split("/", 1)[1]: data for p, data in before.items()}  # kept, byte for byte
+    current = [p for p in after if p.startswith("checkpoints/")]
+    assert {p.split("/")[1] for p in current} == {"checkpoint-000001", "checkpoint-000002"}
+    assert (
+        after["checkpoints/checkpoint-000002/manifest.json"]
+        != before["checkpoints/checkpoint-000002/manifest.json"]
+    )

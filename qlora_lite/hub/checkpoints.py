@@ -151,7 +151,12 @@ class HubBackend(DurableBackend):
         wanted[f"{self._folder(name)}/{MANIFEST}"] = {"size": (local_dir / MANIFEST).stat().st_size}
         try:
             self._ensure_repo()
-            stale = [path for path in self._remote(self._folder(name)) if path not in wanted]
+            there = self._remote(self._folder(name))
+            stale = [path for path in there if path not in wanted]
+            if f"{self._folder(name)}/{MANIFEST}" in there:  # never replace another run's checkpoint
+                other = (self.manifest(name) or {}).get("run_id")
+                if other not in (None, manifest.get("run_id")):
+                    raise OSError(errno.EEXIST, f"{name} there belongs to another run (run id {other})")
 
             def operations() -> list:
                 ops: list = [CommitOperationDelete(path) for path in stale]
