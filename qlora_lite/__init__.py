@@ -9,6 +9,11 @@ print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
 
 from __future__ import annotations
 
+# First: a library pip upgraded under this (notebook) process means a restart; say so before anything breaks.
+from qlora_lite.demo.colab import check_fresh_imports
+
+check_fresh_imports()
+
 from qlora_lite.data.formats import detect_format, load_records
 from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.demo.run import run_demo

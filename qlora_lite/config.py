@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import PeftSettings
 
 PLANNER_KNOBS = (
     "quantization",
@@ -64,7 +65,17 @@ class TrainConfig:
     lora_r: int | None = None
     lora_alpha: int | None = None
     lora_dropout: float = 0.05
-    lora_target_modules: str | list[str] | None = None
+    lora_target_modules: str | list[str] | None = None  # all-linear | attention | mlp | [names]
+    # PEFT method (model/peft_methods.py: what each costs; the planner accounts for it)
+    peft_method: str = "lora"  # lora | ia3 | prompt_tuning | prefix_tuning
+    lora_method: str = "lora"  # lora | dora
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    lora_plus_ratio: float | None = None  # LoRA+: B matrices learn at ratio x the learning rate
+    init_lora_weights: str = "default"  # default | gaussian | pissa | olora | loftq
+    loftq_iter: int = 1
+    rank_pattern: dict[str, int] | None = None  # {"regex of module names": rank}
+    alpha_pattern: dict[str, int] | None = None
+    num_virtual_tokens: int = 20  # prompt / prefix tuning
     # planner knobs
     quantization: str | None = None
     double_quant: bool | None = None
@@ -95,9 +106,19 @@ class TrainConfig:
     progress: bool = True
     callbacks: list[Any] = field(default_factory=list)
 
+    def peft_settings(self) -> PeftSettings:
+        """The PEFT method options (rank and targets are filled from the plan before attaching)."""
+        return PeftSettings(
+            method=self.peft_method, alpha=self.lora_alpha, dropout=self.lora_dropout,
+            lora_method=self.lora_method, rslora=self.rslora, init=self.init_lora_weights,
+            loftq_iter=self.loftq_iter, rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern,
+            lora_plus_ratio=self.lora_plus_ratio, num_virtual_tokens=self.num_virtual_tokens,
+        )  # fmt: skip
+
     def fixed_knobs(self) -> dict[str, Any]:
-        """The planner knobs the user set (everything else the planner fills in)."""
+        """The planner knobs the user set (everything else the planner fills in), and the PEFT method."""
         knobs = {name: getattr(self, name) for name in PLANNER_KNOBS if getattr(self, name) is not None}
+        knobs["peft"] = self.peft_settings()
         if self.max_memory is not None:
             knobs["max_memory"] = self.max_memory
         return knobs
@@ -156,6 +177,7 @@ class TrainConfig:
             problems.append("eval_generations and sample_generations must be >= 0")
         if self.eval_every is not None and self.eval_every < 1:
             problems.append(f"eval_every must be >= 1 (got {self.eval_every})")
+        problems += self.peft_settings().problems()
         if self.checkpoint_dir and not str(self.checkpoint_dir).startswith("hf://"):
             from qlora_lite.checkpoint.durable import check_drive_path
 

@@ -86,6 +86,11 @@ ALIASES: dict[str, Callable[[Any, str], dict[str, Any]]] = {
     "bnb_4bit_use_double_quant": _renamed("double_quant"),
     "r": _renamed("lora_r"),
     "target_modules": _renamed("lora_target_modules"),
+    "use_dora": _flag("lora_method", "dora"),  # PEFT / Axolotl (peft_use_dora)
+    "peft_use_dora": _flag("lora_method", "dora"),
+    "use_rslora": _renamed("rslora"),
+    "peft_use_rslora": _renamed("rslora"),
+    "loraplus_lr_ratio": _renamed("lora_plus_ratio"),  # PEFT's create_loraplus_optimizer / Axolotl
 }
 
 

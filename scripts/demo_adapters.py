@@ -24,6 +24,7 @@ def main() -> int:
     parser.add_argument("--output", default="runs/adapters-demo")
     parser.add_argument("--benchmark", default=str(ROOT / "benchmarks" / "adapters.json"))
     parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--n-eval", type=int, default=16)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
@@ -33,7 +34,7 @@ def main() -> int:
     setup_logging(debug=False)
     logging.getLogger("qlora_lite").setLevel(logging.INFO)
     summary = run_adapters_demo(
-        args.output, max_steps=args.max_steps, n_eval=args.n_eval, progress=not args.no_progress,
+        args.output, max_steps=args.max_steps, learning_rate=args.learning_rate, n_eval=args.n_eval, progress=not args.no_progress,
         reuse={"orders": args.orders_run} if args.orders_run else None,
     )  # fmt: skip
     print(format_adapters_summary(summary))

@@ -31,7 +31,7 @@ ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}, ye
 # 21 training examples after the eval split; effective batch 4 -> 6 steps per epoch, the last one short (1
 # example: rank 1 idles in it). 8 steps cross the epoch boundary.
 SETTINGS = dict(
-    max_steps=8, effective_batch_size=4, micro_batch_size=1, lora_r=4, seed=3, lora_dropout=0.0,
+    max_steps=8, effective_batch_size=4, micro_batch_size=2, lora_r=4, seed=3, lora_dropout=0.0,
     save_every_steps=3, sample_generations=0, quantization="nf4",
 )  # fmt: skip
 LLAMA_8B = dict(
@@ -230,19 +230,23 @@ def train_command(tiny_model, data_file, out) -> list[str]:
 
 @pytest.fixture(scope="module")
 def killed_and_relaunched(tiny_model, data_file, tmp_path_factory) -> tuple[Path, Path, int]:
-    """Rank 1 SIGKILLed inside step 5, then the job re-launched with `qlora-lite train --gpus 2`.
+    """Rank 1 runs out of memory in step 2 (and backs off alone), is SIGKILLed inside step 5, and the job is
+    re-launched with `qlora-lite train --gpus 2`.
 
     Returns (the relaunched run, a copy of the run as the kill left it, the step it resumes from).
     """
     root = tmp_path_factory.mktemp("killed")
     out, left = root / "run", root / "as-left"
-    # Rank 1 runs 1 probe forward, then 2 per step (its 2 of 4 examples at micro-batch 1): forward 9 is the
-    # first micro-batch of step 5. Rank 0 cannot finish step 5 without it, so its last checkpoint is step 3
-    # (or 4 if it saves on the way out when torchrun stops it).
+    # Rank 1's training forwards: 1 probe; step 1: #2 (its 2 of 4 examples as one micro-batch of 2); step 2:
+    # #3 runs out of memory -> its micro-batch halves to 1 and the step is redone as #4, #5; steps 3, 4: two
+    # each (#6-#9); #10 is the first of step 5: killed there. Rank 0 cannot finish step 5 without rank 1,
+    # so its last checkpoint is step 3 (or 4 if it saves on the way out when torchrun stops it).
+    settings = {**SETTINGS, "progress": False}
     killed = run_ranks(
-        tiny_model, data_file, out, {**SETTINGS, "progress": False}, kill_at_forward=9, kill_rank=1
+        tiny_model, data_file, out, settings, kill_at_forward=10, oom_at_forward=[3], kill_rank=1
     )
     assert killed.returncode != 0
+    assert "out of memory at micro-batch 2: retrying this step at 1" in killed.stderr  # rank 1, alone
     latest = CheckpointStore(out / "checkpoints").latest()
     assert latest is not None and latest.step in (3, 4)
     assert not (out / "run_record.json").exists()
@@ -269,8 +273,14 @@ def test_a_killed_rank_and_a_relaunch_end_like_one_process(one_process, killed_a
     assert_same_training(out, one_process, 1e-5)
     record = json.loads((out / "run_record.json").read_text())
     assert record["world_size"] == 2 and record["plan"]["world_size"] == 2
-    assert record["plan"]["effective_batch_size"] == 4 and record["plan"]["gradient_accumulation_steps"] == 2
+    assert record["plan"]["effective_batch_size"] == 4 and record["plan"]["gradient_accumulation_steps"] == 1
     assert json.loads((one_process / "run_record.json").read_text())["world_size"] == 1
+    # Rank 1's out-of-memory backoff in step 2 changed nothing: rank 0 kept micro-batch 2 and logged it.
+    assert {
+        r["micro_batch_size"]
+        for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines())
+        if "loss" in r
+    } == {2}
     # One writer: one row per step, one set of checkpoints (every 3 steps and the last; 2 kept).
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "checkpoint-000006",
@@ -291,11 +301,11 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(one_process, killed_and_re
 
 
 @pytest.mark.slow
-def test_uninterrupted_ranks_under_torchrun_and_accelerate(
-    tiny_model, data_file, one_process, killed_and_relaunched, tmp_path
+def test_same_world_size_resumes_bit_for_bit_under_torchrun_and_accelerate(
+    tiny_model, data_file, one_process, tmp_path
 ):
-    """The same world size resumes bit for bit; `accelerate launch` runs the very same ranks."""
-    relaunched, _, _ = killed_and_relaunched
+    """Uninterrupted ranks under torchrun and under `accelerate launch` train the very same bits, and a rank
+    killed (without any out-of-memory split) and re-launched on the same world size ends on them too."""
     torchrun = [
         sys.executable,
         "-m",
@@ -313,4 +323,14 @@ def test_uninterrupted_ranks_under_torchrun_and_accelerate(
                               env=environment(), timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert json.loads((out / "run_record.json").read_text())["world_size"] == 2
-        assert_same_training(out, relaunched, 0.0)
+    assert_same_training(tmp_path / "accelerate", tmp_path / "torchrun", 0.0)
+    assert_same_training(tmp_path / "torchrun", one_process, 1e-5)
+    out = tmp_path / "killed"
+    settings = {**SETTINGS, "progress": False}
+    # Rank 1: 1 probe forward, then one micro-batch of 2 per step: forward 6 is step 5.
+    assert run_ranks(tiny_model, data_file, out, settings, kill_at_forward=6, kill_rank=1).returncode != 0
+    assert CheckpointStore(out / "checkpoints").latest().step in (3, 4)
+    resumed = run_ranks(tiny_model, data_file, out, settings)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from_step"] in (3, 4)
+    assert_same_training(out, tmp_path / "torchrun", 0.0)

@@ -7,6 +7,7 @@ Restoring adapter, optimizer, scheduler, RNG and loop state therefore continues 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -47,6 +48,13 @@ IDENTITY_SETTINGS = (
 )  # fmt: skip
 
 
+# PEFT method options: part of the identity when not at their defaults (older checkpoints stay valid).
+PEFT_IDENTITY_SETTINGS = (
+    "peft_method", "lora_method", "rslora", "lora_plus_ratio", "init_lora_weights", "loftq_iter", "rank_pattern",
+    "alpha_pattern", "num_virtual_tokens",
+)  # fmt: skip
+
+
 # What names the base model across machines: its Hub id (another model is another run, even at an equal
 # commit), its revision (the Hub commit sha, or a hash of a local folder's files) and a hash of its config.
 # The path is left out: the same model sits at another path on another machine.
@@ -55,10 +63,15 @@ MODEL_IDENTITY = ("hub_id", "revision", "config_sha256")
 
 def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run (paths may differ between machines)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    settings = {name: getattr(config, name) for name in IDENTITY_SETTINGS}
+    settings.update(
+        {n: getattr(config, n) for n in PEFT_IDENTITY_SETTINGS if getattr(config, n) != defaults.get(n)}
+    )
     return {
         "base_model": {key: base_model.get(key) for key in MODEL_IDENTITY},
         "data_fingerprint": data_fingerprint,
-        "settings": {name: getattr(config, name) for name in IDENTITY_SETTINGS},
+        "settings": settings,
     }
 
 

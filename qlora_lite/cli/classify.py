@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qlora_lite.cli.flags import PEFT_FLAGS
 from qlora_lite.errors import UserError
 
 TEXT_COLUMNS = ("text", "sentence", "content")
@@ -40,7 +41,7 @@ def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     from qlora_lite.cli.flags import add_run_flags
 
     c = sub.add_parser("classify", help="label texts with a trained classifier run")
-    c.add_argument("run_dir", help="run folder written by train-classifier")
+    c.add_argument("run_dir", help="run folder written by train-classifier, or the Hub id it was pushed to")
     c.add_argument("texts", nargs="*", help="texts to classify (or use --input)")
     c.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of texts to classify")
     c.add_argument("--output", help="JSONL file to write (file mode; default: print JSON lines)")
@@ -155,7 +156,7 @@ TRAIN_FLAGS = (
     "eval_every", "overwrite", "quantization", "double_quant", "compute_dtype", "micro_batch_size",
     "gradient_accumulation_steps", "effective_batch_size", "max_seq_length", "gradient_checkpointing", "optimizer",
     "attn_implementation", "lora_r", "lora_target_modules", "max_memory", "checkpoint_dir", "save_every_minutes",
-    "save_every_steps", "resume", "public_checkpoints",
+    "save_every_steps", "resume", "public_checkpoints", *PEFT_FLAGS,
 )  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from qlora_lite.model.peft_methods import INITS, LORA_METHODS, METHODS, TARGET_PRESETS, PeftSettings
+
 
 def on_off(value: str) -> bool:
     if value.lower() in ("on", "true", "yes", "1"):
@@ -28,7 +30,46 @@ def columns_arg(value: str) -> dict[str, str]:
 
 
 def modules_arg(value: str) -> str | list[str]:
-    return value if value == "all-linear" else [m.strip() for m in value.split(",") if m.strip()]
+    """A preset (all-linear, attention, mlp) or module names separated by commas."""
+    return value if value in TARGET_PRESETS else [m.strip() for m in value.split(",") if m.strip()]
+
+
+def pattern_arg(value: str) -> dict[str, int]:
+    """`down_proj=8,layers\\.0\\.=4` -> {"down_proj": 8, "layers\\.0\\.": 4} (module-name regex = integer)."""
+    pattern = {}
+    for pair in value.split(","):
+        key, sep, number = pair.rpartition("=")
+        if not sep or not key.strip() or not number.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"want NAME_REGEX=INTEGER pairs like down_proj=8, got {pair!r}")
+        pattern[key.strip()] = int(number)
+    return pattern
+
+
+PEFT_FLAGS = (
+    "peft_method", "lora_method", "rslora", "lora_plus_ratio", "init_lora_weights", "loftq_iter", "rank_pattern",
+    "alpha_pattern", "num_virtual_tokens",
+)  # fmt: skip
+
+
+def add_peft_flags(parser: argparse.ArgumentParser) -> None:
+    """The PEFT method and its options (docs/peft_methods.md compares them); unset: plain LoRA."""
+    group = parser.add_argument_group("PEFT method (unset: LoRA)")
+    group.add_argument("--peft-method", choices=list(METHODS), help="default lora")
+    group.add_argument("--lora-method", choices=list(LORA_METHODS), help="dora: weight-decomposed LoRA")
+    group.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    group.add_argument("--lora-plus-ratio", type=float, metavar="R", help="LoRA+: B learns at R x the LR")
+    group.add_argument("--init-lora-weights", choices=list(INITS), help="default: A random, B zero")
+    group.add_argument("--loftq-iter", type=int, help="LoftQ alternations (default 1)")
+    group.add_argument("--rank-pattern", type=pattern_arg, metavar="REGEX=R,...", help="per-layer ranks")
+    group.add_argument("--alpha-pattern", type=pattern_arg, metavar="REGEX=A,...", help="per-layer alphas")
+    group.add_argument("--num-virtual-tokens", type=int, help="prompt/prefix tuning (default 20)")
+
+
+def peft_from_args(args: argparse.Namespace) -> PeftSettings:
+    """The PeftSettings the flags give (for `plan`, which has no TrainConfig)."""
+    names = {"peft_method": "method", "init_lora_weights": "init"}
+    given = {names.get(n, n): getattr(args, n) for n in PEFT_FLAGS if getattr(args, n, None) is not None}
+    return PeftSettings(**given)
 
 
 def add_knob_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +88,10 @@ def add_knob_flags(parser: argparse.ArgumentParser) -> None:
     )
     knobs.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
     knobs.add_argument("--lora-r", type=int)
-    knobs.add_argument("--lora-target-modules", type=modules_arg, metavar="a,b,...|all-linear")
+    knobs.add_argument(
+        "--lora-target-modules", "--target-modules", dest="lora_target_modules", type=modules_arg,
+        metavar="all-linear|attention|mlp|a,b,...",
+    )  # fmt: skip
     knobs.add_argument(
         "--max-memory", metavar="SIZE", help="memory budget, e.g. 14GiB (default: what the device has)"
     )
@@ -99,6 +143,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
     add_checkpoint_flags(parser)
     add_knob_flags(parser)
+    add_peft_flags(parser)
 
 
 TRAIN_FLAGS = (
@@ -106,7 +151,7 @@ TRAIN_FLAGS = (
     "eval_fraction", "eval_every", "eval_generations", "sample_generations", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
     "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_seq_length",
     "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "max_memory",
-    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume", "public_checkpoints", "push_to_hub", "hub_private",
+    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume", "public_checkpoints", "push_to_hub", "hub_private", *PEFT_FLAGS,
 )  # fmt: skip
 
 

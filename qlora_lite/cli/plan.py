@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from qlora_lite.cli.flags import add_peft_flags, peft_from_args
+from qlora_lite.model.peft_methods import TARGET_PRESETS
 from qlora_lite.planner.memory import ATTENTION, COMPUTE_DTYPES, OPTIMIZER_STATE_BYTES, QUANTIZATIONS
 
 LengthsFn = Callable[..., list[int]]
@@ -26,7 +28,7 @@ def _targets(value: str) -> str | list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give module names separated by commas, or all-linear")
-    return "all-linear" if names == ["all-linear"] else names
+    return names[0] if len(names) == 1 and names[0] in TARGET_PRESETS else names
 
 
 def add_plan_parser(subparsers: Any) -> None:
@@ -62,7 +64,10 @@ def add_plan_parser(subparsers: Any) -> None:
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None)
     p.add_argument("--double-quant", type=_on_off, default=None, metavar="on|off")
     p.add_argument("--lora-r", type=int, default=None)
-    p.add_argument("--lora-target-modules", type=_targets, default=None, metavar="a,b,...|all-linear")
+    p.add_argument(
+        "--lora-target-modules", "--target-modules", dest="lora_target_modules", type=_targets, default=None,
+        metavar="all-linear|attention|mlp|a,b,...",
+    )  # fmt: skip
     p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), default=None)
     p.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default=None)
     p.add_argument("--attn-implementation", choices=ATTENTION, default=None)
@@ -80,6 +85,7 @@ def add_plan_parser(subparsers: Any) -> None:
         help="shard weights, LoRA and optimizer over the N devices (FSDP-QLoRA, docs/distributed.md)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_peft_flags(p)
 
 
 _KNOBS = (
@@ -122,6 +128,7 @@ def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = Non
             args.data, getattr(args, "data_config", None), getattr(args, "data_split", None)
         )
         lengths = (lengths_from_data or token_lengths)(data, model)
+    fixed["peft"] = peft_from_args(args)
     the_plan = plan(model, data=lengths, hardware=getattr(args, "gpu", None), **fixed)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(the_plan.to_dict(), sort_keys=True) + "\n")

@@ -100,8 +100,12 @@ def render_model_card(
     quant = record.get("quantization") or {}
     lora, plan, data = record.get("lora") or {}, record.get("plan") or {}, record.get("data") or {}
     metrics, hp = record.get("metrics") or {}, record.get("hyperparameters") or {}
+    peft = record.get("peft") or {"method": "lora", "description": "LoRA"}
+    method_tag = {"lora": "dora" if peft.get("lora_method") == "dora" else "lora"}.get(
+        peft.get("method", "lora"), str(peft.get("method", "lora")).replace("_", "-")
+    )
+    tags = ["qlora_lite", "peft", method_tag] + (["qlora"] if quant.get("method") in ("nf4", "int8") else [])
     classifier = record.get("task") == "classification"
-    tags = ["qlora_lite", "peft", "lora"] + (["qlora"] if quant.get("method") in ("nf4", "int8") else [])
     if base_id:
         tags.append(f"base_model:adapter:{base_id}")
     card_data = ModelCardData(
@@ -121,8 +125,9 @@ def render_model_card(
         ("base model", base_text + (f" @ `{revision}`" if revision else "")),
         ("quantization", f"{quant.get('method')} (double quant {quant.get('double_quant')}), compute "
          f"{quant.get('compute_dtype')}" if quant.get("method") != "none" else f"none, {quant.get('compute_dtype')}"),
+        ("PEFT method", peft.get("description")),
         ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
-         f"targets {lora.get('target_modules')}"),
+         f"targets {lora.get('target_modules')}" if peft.get("method", "lora") == "lora" else None),
         ("hardware", _hardware_text(record.get("hardware") or {})),
         ("data", f"{data.get('format')} format, {data.get('records')} records ({data.get('train_examples')} "
          f"train / {data.get('eval_examples')} eval), {data.get('truncated_examples', 0)} truncated"),
@@ -152,7 +157,7 @@ def render_model_card(
     body = f"""
 # {repo_id.split("/")[-1]}
 
-A LoRA adapter for {base_text}, trained with qlora_lite.
+A {peft.get("description", "LoRA")} adapter for {base_text}, trained with qlora_lite.
 `run_record.json` in this repo holds the full record of the run (plan, data, metrics, library versions).
 
 ## Training setup

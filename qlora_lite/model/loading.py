@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 
 from qlora_lite.compat import keep_4bit_weights_differentiable
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import PeftSettings, module_targets
 from qlora_lite.model.source import ModelSource, resolve_model_source
 from qlora_lite.run_files import GENERATION_CONFIG, RUN_RECORD
 
@@ -23,16 +23,7 @@ QUANTIZATIONS = ("nf4", "int8", "none")
 CLASSIFIER_HEADS = ("score", "classifier")  # the head of decoder / encoder *ForSequenceClassification models
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    alpha: int | None = None  # None: 2 * r, the common choice
-    dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "all-linear"
-
-    @property
-    def lora_alpha(self) -> int:
-        return self.alpha if self.alpha is not None else 2 * self.r
+LoraSettings = PeftSettings  # the name before the PEFT-method registry (keywords unchanged)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -137,10 +128,21 @@ def load_base_model(
 
 
 def attach_lora(
-    model, lora: LoraSettings, *, gradient_checkpointing: bool, task: str = "causal_lm", **lora_extra: Any
+    model,
+    settings: PeftSettings,
+    *,
+    gradient_checkpointing: bool,
+    task: str = "causal_lm",
+    model_path: str | None = None,
+    quantization: str = "nf4",
+    modules_to_save: list[str] | None = None,
 ):
-    """Freeze the base, prepare k-bit weights, and add trainable LoRA matrices (all linear layers by default)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Freeze the base, prepare k-bit weights, and attach the PEFT method of `settings` (LoRA by default).
+
+    PiSSA/LoftQ on a 4-bit base read the original weights from `model_path` (see model/peft_init.py)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from qlora_lite.model.peft_init import apply_own_init, initial_adapter, peft_init_value
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     gc_kwargs = {"use_reentrant": False}
@@ -155,19 +157,27 @@ def attach_lora(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
     keep_4bit_weights_differentiable(model)  # an upstream bug: see qlora_lite.compat
-    targets = lora.target_modules
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets if isinstance(targets, str) else list(targets),
+    method = settings.entry
+    targets = module_targets(model, settings.target_modules) if method.uses_lora_targets else None
+    config = method.peft_config(
+        settings,
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-        **lora_extra,
+        targets=targets,
+        modules_to_save=modules_to_save,
     )
+    if method.peft_type == "LORA":
+        config.init_lora_weights = peft_init_value(settings, quantized)
     try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise UserError(f"LoRA target modules {targets!r} do not match this model: {exc}") from exc
+        peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:
+        raise UserError(
+            f"{settings.describe()} cannot be attached to this model (targets {targets!r}): {exc}"
+        ) from exc
+    if method.peft_type == "LORA":
+        apply_own_init(peft_model, settings, model_path or "", quantization if quantized else "none")
+    # PiSSA/OLoRA changed the base: keep the initial adapter to save a plain LoRA on the original base.
+    peft_model.qlora_lite_initial_adapter = initial_adapter(peft_model, settings)
+    return peft_model
 
 
 def load_tokenizer(model: str | ModelSource, revision: str | None = None):
@@ -255,6 +265,11 @@ def load_for_inference(
     if adapter is not None:
         from peft import PeftModel
 
+        config = Path(adapter) / "adapter_config.json"
+        if config.is_file() and json.loads(config.read_text()).get("use_dora"):
+            keep_4bit_weights_differentiable(
+                base_model
+            )  # DoRA norms of repacked bytes: see qlora_lite.compat
         base_model = PeftModel.from_pretrained(base_model, str(adapter))
         if (Path(adapter) / GENERATION_CONFIG).is_file():  # the run's stop tokens (see data.templates)
             from transformers import GenerationConfig

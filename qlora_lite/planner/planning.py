@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-exported)
     DEFAULT_SEQ_LEN,
     MAX_CHECKPOINT_INTERVAL_S,
@@ -20,6 +21,7 @@ from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-export
     choose_seq_len,
     explain_choices,
     nearest_fit,
+    peft_method_cost,
     relative_speed,
     step_seconds,
 )
@@ -55,6 +57,7 @@ KNOBS = {
     "task": TASKS,
     "max_memory": None,  # a size, checked by parse_size
     "num_labels": int,
+    "peft": None,  # a PeftSettings (or its record): the PEFT method and its options, checked by the registry
     "world_size": int,  # processes training together (torchrun / accelerate launch); each plans for its device
     "fsdp": (True, False),  # shard weights, LoRA and optimizer over the processes instead of replicating
 }
@@ -90,6 +93,8 @@ class Plan:
     nearest_fit: dict[str, Any] | None = None
     message: str = ""
     num_labels: int | None = None
+    peft: dict[str, Any] = field(default_factory=lambda: PeftSettings().to_record())
+    estimated_init_seconds: float = 0.0
     world_size: int = 1
     fsdp: bool = False
     shape: ModelShape | None = field(default=None, repr=False, compare=False)
@@ -113,6 +118,7 @@ class Plan:
             device="cuda" if self.accelerator == "cuda" else "cpu",
             task=self.task,
             num_labels=self.num_labels,
+            peft=self.peft,
             world_size=self.world_size,
             fsdp=self.fsdp,
         )
@@ -138,7 +144,7 @@ class Plan:
             "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
             "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
             "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
-            "estimated_step_seconds reasons fixed nearest_fit message accelerator world_size fsdp"
+            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft"
         ).split()
         data = {key: getattr(self, key) for key in keys}
         data["hardware"] = self.hardware_name
@@ -179,6 +185,7 @@ class Plan:
             ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
             ("optimizer", self.optimizer),
             ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
+            ("peft_method", self.peft.get("description", self.peft.get("method", "lora"))),
         ]
         width = max(len(name) for name, _ in rows)
         vwidth = max(len(value) for _, value in rows)
@@ -230,6 +237,7 @@ def plan(
 ) -> Plan:
     """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine)."""
     _validate(fixed)
+    peft = PeftSettings.checked(fixed.get("peft"))
     shape = (
         model
         if isinstance(model, ModelShape)
@@ -289,9 +297,16 @@ def plan(
         device=device,
         task=task,
         num_labels=fixed.get("num_labels"),
+        peft=peft,
         world_size=world_size,
         fsdp=fsdp,
     )
+
+    method_cost = estimate_memory(shape, **base, micro_batch_size=1, seq_len=seq).cost
+    if not method_cost.gradient_checkpointing and fixed.get("gradient_checkpointing"):
+        raise UserError(
+            f"{peft.describe()} cannot run with gradient checkpointing: drop --gradient-checkpointing on"
+        )
 
     def micro_batches(free_all: bool) -> list[int]:
         if mb_fixed and not free_all:
@@ -309,6 +324,8 @@ def plan(
             if "gradient_checkpointing" in fixed and not free_all
             else [False, True]
         )
+        if not method_cost.gradient_checkpointing:
+            gcs = [False]  # e.g. prefix tuning: PEFT refuses checkpointing
         if "optimizer" in fixed and not free_all:
             optimizers = [fixed["optimizer"]]
         else:
@@ -343,7 +360,7 @@ def plan(
     else:
         knobs = dict(
             micro_batch_size=mb_fixed or 1,
-            gradient_checkpointing=fixed.get("gradient_checkpointing", True),
+            gradient_checkpointing=fixed.get("gradient_checkpointing", method_cost.gradient_checkpointing),
             optimizer=fixed.get("optimizer", "paged_adamw_8bit" if device == "cuda" else "adamw_torch"),
         )
         est = estimate_memory(shape, **base, seq_len=seq, **knobs)
@@ -353,7 +370,7 @@ def plan(
             **base,
             micro_batch_size=1,
             seq_len=seq,
-            gradient_checkpointing=True,
+            gradient_checkpointing=method_cost.gradient_checkpointing,
             optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
         ).peak_bytes
         message = (
@@ -385,9 +402,13 @@ def plan(
     step_s = step_seconds(
         shape, hw, mb * accumulation * seq * world_size, knobs["gradient_checkpointing"], task, world_size
     )
+    extra_s, init_s, reasons["peft_method"] = peft_method_cost(
+        hw, est, accumulation, step_s, knobs["gradient_checkpointing"]
+    )
+    step_s += extra_s
     state_bytes = est.breakdown["lora_params"] + est.breakdown["optimizer_states"]
     interval, reasons["checkpoint_every_seconds"] = checkpoint_interval(step_s, state_bytes, hw)
-    names = tuple(k for k in fixed if k not in ("max_memory", "world_size"))
+    names = tuple(k for k in fixed if k not in ("max_memory", "world_size", "peft"))
     return Plan(
         hardware_name=hw.name,
         accelerator=hw.accelerator,
@@ -419,6 +440,8 @@ def plan(
         nearest_fit=nearest,
         message=message,
         num_labels=base["num_labels"],
+        peft=replace(peft, r=base["lora_r"], target_modules=base["lora_target_modules"]).to_record(),
+        estimated_init_seconds=round(init_s, 3),
         world_size=world_size,
         fsdp=fsdp,
         shape=shape,

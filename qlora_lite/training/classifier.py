@@ -27,13 +27,14 @@ from qlora_lite.data.labels import ClassifierExample
 from qlora_lite.errors import UserError
 from qlora_lite.model.loading import (
     CLASSIFIER_HEADS,
-    LoraSettings,
     attach_lora,
     check_has_weights,
     load_base_model,
     load_tokenizer,
     torch_dtype,
 )
+from qlora_lite.model.peft_init import save_adapter
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.model.source import resolve_model_source
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.run_files import CONFUSION_PLOT, LABELS_FILE  # noqa: F401 (re-exported)
@@ -326,20 +327,11 @@ def _run_classifier_in(config, folder, data, started, labels, class_weights, eva
         raise UserError(
             f"{model_path}: its sequence-classification model has no 'score' or 'classifier' head"
         )
-    targets = the_plan.lora_target_modules
-    lora = LoraSettings(
-        the_plan.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        targets if isinstance(targets, str) else tuple(targets),
-    )
+    lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
     model = attach_lora(
-        base,
-        lora,
-        gradient_checkpointing=the_plan.gradient_checkpointing,
-        task="classification",
-        modules_to_save=heads,
-    )
+        base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, task="classification",
+        modules_to_save=heads, model_path=model_path, quantization=the_plan.quantization,
+    )  # fmt: skip
     model.train()
     for callback in config.callbacks:
         if hasattr(callback, "on_model_ready"):
@@ -401,7 +393,7 @@ def _run_classifier_in(config, folder, data, started, labels, class_weights, eva
             out / CONFUSION_PLOT,
             title=f"{source.display_name} LoRA classifier",
         )
-    model.save_pretrained(out)
+    save_adapter(model, out, model.qlora_lite_initial_adapter)
     tokenizer.save_pretrained(out)
     write_json_atomic(out / LABELS_FILE, data.mapping.to_file(tokenizer.pad_token_id))
     plot = plot_loss(
@@ -423,6 +415,8 @@ def _run_classifier_in(config, folder, data, started, labels, class_weights, eva
         task="classification", labels=data.mapping.to_file(tokenizer.pad_token_id), class_weights=weights,
         label_distribution=data.distribution(), evaluation=evaluation, head_modules=heads,
     )  # fmt: skip
+    if hasattr(data.source, "describe"):  # a Hub data set: its id and the commit the records came from
+        record["data"].update(data.source.describe())
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter, head and run record in %s", out)
     return ClassifierResult(

@@ -145,6 +145,7 @@ def build_run_record(
             "dropout": lora.dropout,
             "target_modules": lora.target_modules,
         },
+        "peft": lora.to_record(),  # the method: LoRA/DoRA/IA3/prompt/prefix tuning, init, rsLoRA, LoRA+
         "plan": plan.to_dict(),
         "identity": identity,
         "hyperparameters": {

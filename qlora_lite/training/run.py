@@ -23,13 +23,14 @@ from qlora_lite.data.hub_dataset import HubDataset, pin_data_source
 from qlora_lite.data.templates import apply_chat_template_choice, end_of_turn, generation_config_for
 from qlora_lite.errors import UserError
 from qlora_lite.model.loading import (
-    LoraSettings,
     attach_lora,
     check_has_weights,
     load_base_model,
     load_tokenizer,
     torch_dtype,
 )
+from qlora_lite.model.peft_init import save_adapter
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.model.source import resolve_model_source
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.training import distributed as dp
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 # Planner knobs a resumed run keeps from its checkpoint (micro-batch/accumulation may be re-split).
 KEPT_ON_RESUME = (
     "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",
-    "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules",
+    "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "peft",
 )  # fmt: skip
 
 
@@ -263,14 +264,11 @@ def _run_in(
         accelerator=accelerator,
         attn_implementation=the_plan.attn_implementation,
     )
-    targets = the_plan.lora_target_modules
-    lora = LoraSettings(
-        the_plan.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        targets if isinstance(targets, str) else tuple(targets),
-    )
-    model = attach_lora(base, lora, gradient_checkpointing=the_plan.gradient_checkpointing)
+    lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
+    model = attach_lora(
+        base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, model_path=model_path,
+        quantization=the_plan.quantization,
+    )  # fmt: skip
     model.train()
     for callback in config.callbacks:
         if hasattr(callback, "on_model_ready"):
@@ -325,7 +323,7 @@ def _run_in(
         return TrainResult(
             out, out, out / RUN_RECORD, None, metrics, the_plan, latest.step if latest else None
         )
-    model.save_pretrained(out)
+    save_adapter(model, out, model.qlora_lite_initial_adapter)
     tokenizer.save_pretrained(out)
     generation_config_for(model, tokenizer).save_pretrained(out)  # stop at the learned end-of-turn too
     generations = None

@@ -27,6 +27,7 @@ from qlora_lite.checkpoint.resume import (
 from qlora_lite.checkpoint.store import CheckpointInfo, CheckpointStore, default_durable_root
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import parameter_groups
 from qlora_lite.run_files import CHECKPOINTS, RUN_CONFIG, RUN_FILES  # noqa: F401 (re-exported)
 from qlora_lite.training.interrupts import DeferredInterrupts
 from qlora_lite.training.loop import LoopState, OutOfMemoryAtMicroBatchOne
@@ -42,7 +43,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+    name: str, params: list[torch.nn.Parameter] | list[dict], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -243,8 +244,9 @@ def start_or_restore(
     """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
     from transformers import get_scheduler
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(the_plan.optimizer, trainable, config.learning_rate, config.weight_decay)
+    # LoRA+: the B matrices in a group of their own at lora_plus_ratio x the learning rate.
+    groups = parameter_groups(model, config.learning_rate, config.lora_plus_ratio)
+    optimizer = make_optimizer(the_plan.optimizer, groups, config.learning_rate, config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
