@@ -19,7 +19,7 @@ from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.inference.adapters import AdapterSet
 from qlora_lite.inference.generation import Generator
 from qlora_lite.inference.router import Router
-from qlora_lite.training.run import train
+from qlora_lite.training.api import train
 
 log = logging.getLogger(__name__)
 

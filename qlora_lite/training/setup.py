@@ -10,6 +10,7 @@ import math
 import random
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,14 @@ def make_optimizer(
     return classes[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def prepare_output_dir(config: TrainConfig) -> Path:
-    """The run folder, created; with `overwrite`, the finished run's files are removed (its checkpoints are
-    moved aside, kept, when the store opens)."""
+def prepare_output_dir(config: TrainConfig, task_files: tuple[str, ...] = ()) -> Path:
+    """The run folder, created; with `overwrite`, the finished run's files (and the task's) are removed (its
+    checkpoints are moved aside, kept, when the store opens)."""
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: give a folder for the run")
     if config.overwrite and out.is_dir():
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *task_files):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -77,8 +78,9 @@ class RunFolder:
     the checkpoint store opened through it (`folder.open_store()`) is closed on the way out, whatever happens.
     """
 
-    def __init__(self, config: TrainConfig, *, main: bool = True) -> None:
+    def __init__(self, config: TrainConfig, *, main: bool = True, task_files: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.task_files = task_files
         self.path = Path(config.output_dir).expanduser()
         self.main = main  # False on ranks other than 0 of a distributed run: they write nothing here
         self.store: CheckpointStore | None = None
@@ -93,7 +95,7 @@ class RunFolder:
         self._lock = RunLock(self.path)
         self._lock.acquire()  # before anything in the folder changes
         try:
-            prepare_output_dir(self.config)
+            prepare_output_dir(self.config, self.task_files)
         except BaseException:
             self._lock.release()
             raise
@@ -138,7 +140,12 @@ def open_checkpoint_store(config: TrainConfig, out: Path) -> CheckpointStore:
     return store
 
 
-def resume_point(config: TrainConfig, store: CheckpointStore, identity: dict) -> CheckpointInfo | None:
+def resume_point(
+    config: TrainConfig,
+    store: CheckpointStore,
+    identity: dict,
+    check: Callable[[CheckpointInfo], None] | None = None,
+) -> CheckpointInfo | None:
     """The checkpoint this run continues from (None: a fresh start); sets the run id its checkpoints carry.
 
     resume="never" first moves the older checkpoints aside (kept): left in place, their higher step numbers
@@ -150,6 +157,8 @@ def resume_point(config: TrainConfig, store: CheckpointStore, identity: dict) ->
         store.archive()
     elif not config.overwrite:  # overwrite has moved everything aside already
         latest = store.latest(durable=config.resume != "local")
+        if latest is not None and check is not None:
+            check(latest)  # the task's own refusals first (a classifier's labels are never forced)
         if latest is not None:
             check_same_run(latest, identity, force=config.resume == "force")
     store.run_id = (latest.run_id if latest is not None else None) or secrets.token_hex(8)
