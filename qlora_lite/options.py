@@ -200,6 +200,8 @@ OPTIONS: tuple[Option, ...] = (
     _knob("gradient_checkpointing", on_off, "recompute activations in backward", metavar="on|off", check=BOOL, resume="kept", card="gradient checkpointing"),
     _knob("optimizer", str, "optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), resume="kept", card="optimizer"),
     _knob("attn_implementation", str, "attention kernel", choices=ATTENTION, resume="kept", card="attention"),
+    _knob("packing", on_off, "pack several examples per row, without attention across them (causal LM)", metavar="on|off", check=BOOL, resume="kept", card="packing"),
+    _knob("chunked_loss", on_off, "loss on supervised positions in chunks: no full fp32 logits (causal LM)", metavar="on|off", check=BOOL, resume="kept", card="chunked loss"),
     _knob("max_memory", str, "memory budget, e.g. 14GiB (default: what the device has)", metavar="SIZE"),
     # never lose work
     Option("checkpoint_dir", str, None, "durable place for checkpoints: a folder or hf://user/repo (default: Google Drive when mounted)"),

@@ -9,6 +9,7 @@ import pytest
 
 from qlora_lite.cli.plan import add_plan_parser, run_plan
 from qlora_lite.errors import UserError
+from qlora_lite.planner.choices import relative_speed
 from qlora_lite.planner.planning import plan
 
 LLAMA3_8B = dict(
@@ -32,18 +33,21 @@ def test_default_plan_fits_and_keeps_effective_batch():
     p = plan(LLAMA3_8B, hardware="t4")
     assert p.fits and p.quantization == "nf4"
     assert p.peak_memory_bytes <= p.usable_memory_bytes
-    assert p.micro_batch_size * p.gradient_accumulation_steps == p.effective_batch_size == 16
-    assert p.micro_batch_size & (p.micro_batch_size - 1) == 0
+    # Any micro-batch size (056ec6a): a step of 16 examples is split into ceil(16 / micro) micro-batches.
+    assert p.effective_batch_size == 16
+    assert p.gradient_accumulation_steps == -(-16 // p.micro_batch_size)
     assert 0 < p.checkpoint_every_seconds <= 600
 
 
 def test_more_memory_gives_a_faster_plan():
     t4 = plan(LLAMA3_8B, hardware="t4")
     big = plan(LLAMA3_8B, hardware="a100-80gb")
-    assert (big.micro_batch_size, not big.gradient_checkpointing) > (
-        t4.micro_batch_size,
-        not t4.gradient_checkpointing,
+    # Faster as the planner scores it (tokens per micro-batch, checkpointing costs ~30%): the chunked loss
+    # lets the T4 take a larger micro-batch than before, but only the A100 can drop checkpointing.
+    assert relative_speed(big.micro_batch_size, 512, big.gradient_checkpointing, "cuda") > relative_speed(
+        t4.micro_batch_size, 512, t4.gradient_checkpointing, "cuda"
     )
+    assert not big.gradient_checkpointing
     assert t4.gradient_checkpointing  # 8B on a T4 needs it
 
 
@@ -73,7 +77,8 @@ def test_all_fixed_and_too_big_returns_estimate_with_nearest_fit():
     assert p.peak_memory_bytes > p.usable_memory_bytes
     assert p.micro_batch_size == 8 and not p.gradient_checkpointing
     assert p.nearest_fit and p.nearest_fit["peak_memory_bytes"] <= p.usable_memory_bytes
-    assert p.nearest_fit["micro_batch_size"] * p.nearest_fit["gradient_accumulation_steps"] == 16
+    nearest = p.nearest_fit  # still 16 examples a step, split as ceil(16 / micro) micro-batches
+    assert nearest["gradient_accumulation_steps"] == -(-16 // nearest["micro_batch_size"])
     assert "nearest plan that fits" in p.explain()
 
 
@@ -159,3 +164,24 @@ def test_cli_table_and_data_lengths(tmp_path, capsys):
     assert run_plan(args, lengths_from_data=lambda source, model_path: [50, 60, 700]) == 0
     out = capsys.readouterr().out
     assert "gradient_checkpointing" in out and "768" in out
+
+
+@pytest.mark.parametrize("vocab", [32000, 152064, 256000])
+def test_planner_models_the_chunked_loss_for_big_vocabularies(vocab):
+    config = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True)  # fmt: skip
+    common = dict(hardware="t4", max_seq_length=1024, micro_batch_size=4, effective_batch_size=8)
+    chunked = plan(config, **common)
+    full = plan(config, chunked_loss=False, **common)
+    assert chunked.chunked_loss and not full.chunked_loss and chunked.packing
+    # Full fp32 logits: ~12 B per token per vocabulary entry; chunked: one chunk of 2^23 elements at a time.
+    assert full.breakdown["logits_loss"] >= 4 * 1024 * vocab * 12
+    assert chunked.breakdown["logits_loss"] < 0.2 * full.breakdown["logits_loss"]
+    assert "supervised positions only" in chunked.reasons["chunked_loss"]
+    assert "chunked_loss" in chunked.explain() and chunked.to_dict()["chunked_loss"] is True
+
+
+def test_packing_and_chunked_loss_are_causal_lm_only():
+    assert not plan(LLAMA3_8B, hardware="t4", task="classification", num_labels=3).packing
+    with pytest.raises(UserError, match="causal language modelling only"):
+        plan(LLAMA3_8B, hardware="t4", task="classification", num_labels=3, packing=True)

@@ -29,6 +29,7 @@ SETTINGS = dict(
     seed=3,
     progress=False,
     lora_dropout=0.1,
+    packing=False,  # the kill points below count one padded micro-batch of 2 examples per forward call
 )
 
 
@@ -307,3 +308,19 @@ def test_resume_on_a_smaller_machine_keeps_the_plan_and_re_splits_the_micro_batc
     b = load_file(out / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_packed_run_resumes_exactly(tiny_model, data_file, tmp_path):
+    """Packed rows (3 per step here, one per micro-batch): killed inside a step, re-run, same as uninterrupted."""
+    settings = {**SETTINGS, "packing": True, "max_seq_length": 32, "micro_batch_size": 1, "max_steps": 8}
+    reference = tmp_path / "reference"
+    finished(run_worker(tiny_model, data_file, reference, settings))
+    out = tmp_path / "run"
+    settings = {**settings, "save_every_steps": 3}
+    killed = run_worker(tiny_model, data_file, out, settings, kill_at_forward=14)
+    assert killed.returncode == -9
+    step = CheckpointStore(out / "checkpoints").latest().step
+    assert step in (3, 6)
+    result = finished(run_worker(tiny_model, data_file, out, settings))
+    assert result["resumed_from_step"] == step
+    assert_same_run(out, reference)

@@ -122,7 +122,9 @@ class OomAt:
 
 
 def test_out_of_memory_halves_micro_batch_and_keeps_the_effective_batch(tiny_model, tmp_path):
+    # Padded micro-batches: the call arithmetic below counts one forward per 4 examples.
     settings = {**FAST, "max_steps": 4, "effective_batch_size": 8, "micro_batch_size": 4, "lora_dropout": 0.0}
+    settings["packing"] = False
     clean = qlora_lite.train(tiny_model, INSTRUCTION_ROWS, tmp_path / "clean", **settings)
     # Call 1 is the probe; call 4 falls inside optimizer step 2 (probe=1 call, step 1 = 2 calls at micro 4).
     injected = OomAt({4})
@@ -141,6 +143,24 @@ def test_out_of_memory_halves_micro_batch_and_keeps_the_effective_batch(tiny_mod
     ]
     assert [r["micro_batch_size"] for r in rows] == [4, 2, 2, 2]
     # Same examples per step and a loss normalised over the whole step: the same training, up to rounding.
+    a = load_file(clean.output_dir / "adapter_model.safetensors")
+    b = load_file(backed_off.output_dir / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_with_packed_rows_halves_the_rows_and_trains_the_same(tiny_model, tmp_path):
+    """Packed rows of 32 tokens, 2 rows per micro-batch; an OOM in step 2 halves it to 1 row: same update."""
+    settings = {**FAST, "max_steps": 3, "effective_batch_size": 8, "micro_batch_size": 2, "lora_dropout": 0.0}
+    settings["max_seq_length"] = 32
+    clean = qlora_lite.train(tiny_model, INSTRUCTION_ROWS, tmp_path / "clean", **settings)
+    assert clean.plan.packing
+    backed_off = qlora_lite.train(
+        tiny_model, INSTRUCTION_ROWS, tmp_path / "oom", callbacks=[OomAt({4})], **settings
+    )
+    assert backed_off.metrics["oom_backoffs"] == 1 and backed_off.metrics["final_micro_batch_size"] == 1
+    for key in ("steps", "examples_seen", "tokens_seen"):
+        assert backed_off.metrics[key] == clean.metrics[key], key
     a = load_file(clean.output_dir / "adapter_model.safetensors")
     b = load_file(backed_off.output_dir / "adapter_model.safetensors")
     for key in a:

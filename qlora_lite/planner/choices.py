@@ -7,8 +7,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from qlora_lite.errors import UserError
 from qlora_lite.planner.hardware import HardwareProfile, format_bytes
-from qlora_lite.planner.memory import ModelShape, count_parameters, estimate_memory
+from qlora_lite.planner.memory import ModelShape, chunk_positions, count_parameters, estimate_memory
 
 DEFAULT_SEQ_LEN = 512
 MAX_CHECKPOINT_INTERVAL_S = 600
@@ -175,3 +176,33 @@ def explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effec
         reasons["optimizer"] = (
             f"{opt}: 2 bytes/param of state ({format_bytes(est.breakdown['optimizer_states'])})"
         )
+
+
+FAST_PATHS = ("packing", "chunked_loss")
+
+
+def explain_fast_paths(reasons, shape, task, chunked_loss, packing, seq, lengths) -> bool:  # noqa: ANN001
+    """Why packing and the chunked loss are on or off; returns whether packing is on (default: causal LM)."""
+    packing = task == "causal_lm" if packing is None else packing
+    if task != "causal_lm":
+        if packing or chunked_loss:
+            raise UserError("packing and chunked_loss apply to causal language modelling only; turn them off")
+        return False
+    if packing and lengths:
+        tokens, padded = sum(min(int(n), seq) for n in lengths), len(lengths) * seq
+        reasons["packing"] = (
+            f"on: examples share rows of {seq} tokens (position ids restart per example, no attention "
+            f"across them); padding each example to {seq} would waste {100 * (1 - tokens / padded):.0f}%"
+        )
+    elif packing:
+        reasons["packing"] = f"on: examples share rows of {seq} tokens, no attention across examples"
+    else:
+        reasons["packing"] = "off: one example per row, micro-batches grouped by length"
+    if chunked_loss:
+        reasons["chunked_loss"] = (
+            f"on: the LM head and loss run on supervised positions only, {chunk_positions(shape.vocab_size)} "
+            f"at a time; full fp32 logits would take {format_bytes(4 * shape.vocab_size)} per token"
+        )
+    else:
+        reasons["chunked_loss"] = "off: the model's own loss on every position (full fp32 logits)"
+    return packing

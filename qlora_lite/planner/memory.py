@@ -56,6 +56,10 @@ _NEOX_FP32 = (38.0, 20.0, 0.0, 0.0)
 # Bytes per token per vocabulary entry at the loss (log-softmax output, its gradient, the logits gradient),
 # measured with the loop dropping the model output before backward (as qlora_lite.loop does); +4 B if kept.
 _LOGITS_PER_VOCAB = {4: 12.0, 2: 12.1}
+# The chunked loss (training/loss.py): logits of this many elements (positions x vocab) exist at a time;
+# bytes per element: fp32 logits + logsumexp's temporary, under 16-bit autocast also the 16-bit logits/softmax.
+CHUNK_ELEMENTS = 2**23
+_CHUNK_BYTES = {4: 8.0, 2: 12.0}
 _RECOMPUTE_FACTOR = {
     4: 1.6,
     2: 1.3,
@@ -300,6 +304,11 @@ def _layer_activation(
     return max(base - fitted + per_feature * sum(layer.in_features for layer in targets), 0.3 * base)
 
 
+def chunk_positions(vocab_size: int) -> int:
+    """Positions per chunk of the chunked loss for a vocabulary (the loss and the planner share it)."""
+    return max(16, CHUNK_ELEMENTS // max(1, vocab_size))
+
+
 def estimate_memory(
     config: Any,
     *,
@@ -320,6 +329,7 @@ def estimate_memory(
     peft: PeftSettings | dict | None = None,
     world_size: int = 1,
     fsdp: bool = False,
+    chunked_loss: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of one LoRA/QLoRA training step on one device, by component. Pure: reads only the config.
 
@@ -374,6 +384,12 @@ def estimate_memory(
         attention_mask = 0
     if task == "classification":
         logits = tokens * 4 * h + micro_batch_size * (num_labels or 2) * 16
+    elif chunked_loss:
+        # training/loss.py: one chunk of logits at a time, plus the gathered hidden states and their gradient.
+        chunk = min(tokens, chunk_positions(shape.vocab_size))
+        logits = chunk * shape.vocab_size * _CHUNK_BYTES[dbytes] + tokens * h * 8
+        if quantized and dbytes == 2:
+            logits += shape.vocab_size * h * 4  # 16-bit copies of the fp32 head: ours and autocast's
     else:
         logits = tokens * shape.vocab_size * _LOGITS_PER_VOCAB[dbytes]
         if quantized and dbytes == 2:

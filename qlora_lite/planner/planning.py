@@ -17,22 +17,19 @@ from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.options import BY_NAME, PLANNER_KNOBS, problems
 from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-exported)
     DEFAULT_SEQ_LEN,
+    FAST_PATHS,
     MAX_CHECKPOINT_INTERVAL_S,
     checkpoint_interval,
     choose_seq_len,
     explain_choices,
+    explain_fast_paths,
     nearest_fit,
     peft_method_cost,
     relative_speed,
     step_seconds,
 )
 from qlora_lite.planner.hardware import HardwareProfile, format_bytes
-from qlora_lite.planner.memory import (
-    TASKS,
-    ModelShape,
-    estimate_memory,
-    model_shape,
-)
+from qlora_lite.planner.memory import TASKS, ModelShape, estimate_memory, model_shape
 from qlora_lite.planner.profiles import profile_with_budget, resolve_hardware
 
 DEFAULT_EFFECTIVE_BATCH = 16
@@ -80,6 +77,8 @@ class Plan:
     estimated_init_seconds: float = 0.0
     world_size: int = 1
     fsdp: bool = False
+    packing: bool = False  # causal LM: several examples per row of max_seq_length tokens
+    chunked_loss: bool = False  # causal LM: the loss in chunks on supervised positions
     shape: ModelShape | None = field(default=None, repr=False, compare=False)
 
     def _estimate(self, **changes: Any):
@@ -104,6 +103,7 @@ class Plan:
             peft=self.peft,
             world_size=self.world_size,
             fsdp=self.fsdp,
+            chunked_loss=self.chunked_loss,
         )
 
     def with_micro_batch(self, n: int) -> Plan:
@@ -127,7 +127,7 @@ class Plan:
             "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
             "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
             "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
-            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft"
+            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft packing chunked_loss"
         ).split()
         data = {key: getattr(self, key) for key in keys}
         data["hardware"] = self.hardware_name
@@ -167,6 +167,7 @@ class Plan:
             ),
             ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
             ("optimizer", self.optimizer),
+            *[(k, "on" if getattr(self, k) else "off") for k in FAST_PATHS if self.task == "causal_lm"],
             ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
             ("peft_method", self.peft.get("description", self.peft.get("method", "lora"))),
         ]
@@ -292,7 +293,9 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         peft=peft,
         world_size=world_size,
         fsdp=fsdp,
+        chunked_loss=fixed.get("chunked_loss", task == "causal_lm"),
     )
+    packing = explain_fast_paths(reasons, shape, task, base["chunked_loss"], fixed.get("packing"), seq, data)
 
     method_cost = estimate_memory(shape, **base, micro_batch_size=1, seq_len=seq).cost
     if not method_cost.gradient_checkpointing and fixed.get("gradient_checkpointing"):
@@ -436,5 +439,7 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         estimated_init_seconds=round(init_s, 3),
         world_size=world_size,
         fsdp=fsdp,
+        packing=packing,
+        chunked_loss=base["chunked_loss"],
         shape=shape,
     )

@@ -1,7 +1,5 @@
 """Decide once per run, by checking the loaded model itself, whether packing and the chunked loss apply.
 
-(Not wired into the trainer on main yet: the wiring lives on branch `speed-full`, see issue [13].)
-
 A list of architectures would go stale; a check on the real model does not. Two short examples are run
 without gradients: packed into one row, the second example's log-probabilities must equal those it gets alone
 (no attention across examples), and the chunked loss must equal the model's own loss. A model that fails a

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -38,6 +38,27 @@ class Objective(Protocol):
     def denominator(self, batch: Sequence[Any]) -> float: ...
 
     def loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> torch.Tensor: ...
+
+    # Optional row-grouping hook: `micro_batches(indices, examples, micro_batch_size, pad_token_id, device)`
+    # yields the collated micro-batches of one step (e.g. several examples packed into one row). Without it,
+    # the loop cuts the step into `split_micro_batches` of `micro_batch_size` examples and calls `collate`.
+
+
+def micro_batches(
+    objective: Objective,
+    indices: Sequence[int],
+    examples: Sequence[Any],
+    micro_batch_size: int,
+    pad_token_id: int,
+    device: torch.device | str,
+) -> Iterator[Any]:
+    """The collated micro-batches of one step's examples, through the objective's hook when it has one."""
+    hook = getattr(objective, "micro_batches", None)
+    if hook is not None:
+        yield from hook(indices, examples, micro_batch_size, pad_token_id, device)
+        return
+    for micro in split_micro_batches(indices, examples, micro_batch_size):
+        yield objective.collate([examples[i] for i in micro], pad_token_id, device)
 
 
 @dataclass
@@ -117,15 +138,17 @@ class StepRunner:
     ) -> float:
         if denominator is None:
             denominator = self.objective.denominator([self.examples[i] for i in indices])
-        total = 0.0
-        for micro in split_micro_batches(indices, self.examples, micro_batch_size):
-            batch = self.objective.collate([self.examples[i] for i in micro], self.pad_token_id, self.device)
+        total = torch.zeros((), device=self.device)
+        batches = micro_batches(
+            self.objective, indices, self.examples, micro_batch_size, self.pad_token_id, self.device
+        )
+        for batch in batches:
             with autocast(self.device, self.autocast_dtype):
                 # The micro-batch's loss sum / the whole step's normaliser: the split does not matter.
                 loss = self.objective.loss(self.model, batch, denominator)
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
-            total += float(loss.detach())
-        return total
+            total += loss.detach().float()
+        return float(total)  # one host sync per step (for the step log), none per micro-batch
 
     def run(self, indices: Sequence[int], state: LoopState, *, apply: bool = True) -> float:
         """Forward/backward all micro-batches of one step, then (if `apply`) one optimizer step.

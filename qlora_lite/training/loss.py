@@ -20,14 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Elements of one chunk of logits (positions x vocab): 2^23 fp32 = 32 MiB.
-CHUNK_ELEMENTS = 2**23
-
-
-def chunk_positions(vocab_size: int) -> int:
-    """Positions per chunk of the chunked loss for a vocabulary."""
-    return max(16, CHUNK_ELEMENTS // max(1, vocab_size))
-
+from qlora_lite.planner.memory import CHUNK_ELEMENTS, chunk_positions  # noqa: F401 (shared with the planner)
 
 log = logging.getLogger(__name__)
 

@@ -73,6 +73,8 @@ def plan_run(
         kept = {
             k: saved[k] for k in (*KEPT_ON_RESUME, "peft") if k in saved
         }  # and the PEFT method as planned
+        if task_knobs.get("task", "causal_lm") == "causal_lm":  # checkpoints from before these knobs: off
+            kept = {"packing": False, "chunked_loss": False, **kept}
         if isinstance(kept.get("lora_target_modules"), list):
             kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
         fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept, **inputs}
@@ -181,10 +183,13 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
     )
     dp.broadcast_parameters(model, ranks)
     half = device.type != "cpu" and the_plan.compute_dtype != "fp32"
+    autocast_dtype = torch_dtype(the_plan.compute_dtype) if half else None
+    objective = task.objective(
+        device, model, the_plan, prepared.train, tokenizer.pad_token_id, autocast_dtype
+    )
     runner = StepRunner(
         model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
-        objective=task.objective(device), max_grad_norm=config.max_grad_norm,
-        autocast_dtype=torch_dtype(the_plan.compute_dtype) if half else None,
+        objective=objective, max_grad_norm=config.max_grad_norm, autocast_dtype=autocast_dtype,
         grad_scaler=grad_scaler,
         data_parallel=dp.DataParallel(ranks, [len(e.input_ids) for e in prepared.train], config.seed) if ranks.active else None,
     )  # fmt: skip

@@ -30,6 +30,7 @@ from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
 from qlora_lite.model.peft_methods import parameter_groups
 from qlora_lite.run_files import CHECKPOINTS, RUN_CONFIG, RUN_FILES  # noqa: F401 (re-exported)
+from qlora_lite.training.batching import fullest_rows
 from qlora_lite.training.interrupts import DeferredInterrupts
 from qlora_lite.training.loop import LoopState, OutOfMemoryAtMicroBatchOne
 from qlora_lite.training.record import RUN_RECORD, rewrite_step_log
@@ -283,8 +284,9 @@ def probe_train_and_checkpoint(runner, state, examples, checkpointer, store, run
     started = time.perf_counter()
     with DeferredInterrupts() as interrupts:
         try:
-            longest = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-            runner.run(longest[: state.micro_batch_size], state, apply=False)
+            # The fullest micro-batch the data allows: the longest examples, packed rows filled up.
+            capacity = getattr(runner.objective, "pack_capacity", None)
+            runner.run(fullest_rows(examples, state.micro_batch_size, capacity), state, apply=False)
             interrupts.stop()  # interrupted during the probe: stop without saving
             checkpointer.interrupts = interrupts
             run_steps()

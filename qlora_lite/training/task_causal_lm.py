@@ -6,7 +6,7 @@ step; periodic evaluation is the held-out token loss; at the end it can answer h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from qlora_lite.data.encoding import IGNORE_INDEX, Example
 from qlora_lite.data.hub_dataset import HubDataset, pin_data_source
 from qlora_lite.data.templates import apply_chat_template_choice, end_of_turn, generation_config_for
 from qlora_lite.model.loading import load_base_model
+from qlora_lite.training.batching import MicroBatch, collate_rows, row_groups
+from qlora_lite.training.fastpath import FastPaths, choose_fast_paths
 from qlora_lite.training.loop import (
     LoopState,
     StepRunner,
@@ -54,14 +56,38 @@ def supervised_tokens(example: Example) -> int:
 
 
 class CausalLMObjective:
-    """Sum of token losses / supervised tokens of the whole step (transformers' `num_items_in_batch`)."""
+    """Sum of token losses / supervised tokens of the whole step (transformers' `num_items_in_batch`).
+
+    With `fast` (training/fastpath.py, checked on the loaded model): a micro-batch is `micro_batch_size` rows,
+    each packing several of the step's examples (no attention across them), and/or the loss runs in chunks
+    on supervised positions. Without it: one right-padded example per row and the model's own loss.
+    """
 
     collate = staticmethod(collate)
+
+    def __init__(self, fast: FastPaths | None = None) -> None:
+        self.fast = fast
+
+    @property
+    def pack_capacity(self) -> int | None:
+        return self.fast.pack_capacity if self.fast else None
 
     def denominator(self, batch: Sequence[Example]) -> int:
         return max(1, sum(supervised_tokens(e) for e in batch))
 
-    def loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> torch.Tensor:
+    def micro_batches(self, indices, examples, micro_batch_size: int, pad_token_id: int, device) -> Iterator:  # noqa: ANN001
+        """The loop's row-grouping hook: rows fixed by the step's examples alone, `micro_batch_size` per batch."""
+        if self.fast is None:
+            for micro in split_micro_batches(indices, examples, micro_batch_size):
+                yield collate([examples[i] for i in micro], pad_token_id, device)
+            return
+        for group in row_groups(indices, examples, micro_batch_size, self.fast.pack_capacity):
+            rows = [[examples[i] for i in row] for row in group]
+            yield collate_rows(rows, pad_token_id, device, packed=self.fast.packing)
+
+    def loss(self, model: torch.nn.Module, batch: dict | MicroBatch, denominator: float) -> torch.Tensor:
+        if isinstance(batch, MicroBatch):
+            return self.fast.loss(model, batch, denominator)
         num_items = torch.tensor(denominator, device=batch["input_ids"].device)
         return model(**batch, num_items_in_batch=num_items).loss
 
@@ -163,8 +189,15 @@ class CausalLM:
         )
         return base, {}
 
-    def objective(self, device) -> CausalLMObjective:
-        return CausalLMObjective()
+    def objective(self, device, model, plan, examples, pad_token_id, autocast_dtype) -> CausalLMObjective:  # noqa: ANN001
+        """Packing and the chunked loss as planned, where a check on the loaded model confirms they apply."""
+        if not (getattr(plan, "packing", False) or getattr(plan, "chunked_loss", False)):
+            return CausalLMObjective()
+        fast = choose_fast_paths(
+            model, examples, pad_token_id, device, autocast_dtype,
+            packing=plan.packing, chunked_loss=plan.chunked_loss, capacity=plan.max_seq_length,
+        )  # fmt: skip
+        return CausalLMObjective(fast)
 
     def evaluate(self, runner: StepRunner, prepared: PreparedData, state: LoopState) -> dict | None:
         eval_loss = evaluate_loss(

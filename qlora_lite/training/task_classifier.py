@@ -189,7 +189,9 @@ class Classification:
             )
         return base, {"task": "classification", "modules_to_save": self.heads}
 
-    def objective(self, device) -> ClassificationObjective:
+    def objective(
+        self, device, model, plan, examples, pad_token_id, autocast_dtype
+    ) -> ClassificationObjective:  # noqa: ANN001
         weights = torch.tensor(self.weights, device=device) if self.weights else None
         return ClassificationObjective(weights)
 

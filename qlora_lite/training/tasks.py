@@ -91,8 +91,17 @@ class Task(Protocol):
         """(base model with the task's head, keyword arguments for `attach_lora`); `source` is the resolved
         model (model.source.ModelSource: a folder, or a Hub id pinned to a commit)."""
 
-    def objective(self, device: torch.device) -> Objective:
-        """How a micro-batch becomes a loss, normalised over the whole step."""
+    def objective(
+        self,
+        device: torch.device,
+        model: torch.nn.Module,
+        plan: Any,
+        examples: list,
+        pad_token_id: int,
+        autocast_dtype: torch.dtype | None,
+    ) -> Objective:
+        """How a micro-batch becomes a loss, normalised over the whole step (`model`: LoRA attached, for
+        checks of the planned fast paths such as packing, on the model itself)."""
 
     def evaluate(self, runner: StepRunner, prepared: PreparedData, state: LoopState) -> dict | None:
         """A periodic evaluation during training: a step-log row, or None when there is nothing to score."""
