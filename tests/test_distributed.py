@@ -33,6 +33,7 @@ ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}, ye
 SETTINGS = dict(
     max_steps=8, effective_batch_size=4, micro_batch_size=2, lora_r=4, seed=3, lora_dropout=0.0,
     save_every_steps=3, sample_generations=0, quantization="nf4",
+    packing=False,  # the kill/OOM points count one padded micro-batch of 2 examples per forward call
 )  # fmt: skip
 LLAMA_8B = dict(
     model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -23,7 +23,10 @@ from qlora_lite.planner.planning import plan
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}, yes."} for i in range(24)]
-BASE = dict(max_steps=6, effective_batch_size=4, micro_batch_size=2, lora_r=4, seed=5, progress=False)
+# packing off: the kill point below counts one padded micro-batch of 2 examples per forward call
+BASE = dict(
+    max_steps=6, effective_batch_size=4, micro_batch_size=2, lora_r=4, seed=5, progress=False, packing=False
+)
 METHODS = {
     "dora": dict(lora_method="dora"),
     "rslora+loraplus": dict(rslora=True, lora_plus_ratio=16.0),

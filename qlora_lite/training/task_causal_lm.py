@@ -18,6 +18,7 @@ from qlora_lite.data.encoding import IGNORE_INDEX, Example
 from qlora_lite.data.hub_dataset import HubDataset, pin_data_source
 from qlora_lite.data.templates import apply_chat_template_choice, end_of_turn, generation_config_for
 from qlora_lite.model.loading import load_base_model
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.training.batching import MicroBatch, collate_rows, row_groups
 from qlora_lite.training.fastpath import FastPaths, choose_fast_paths
 from qlora_lite.training.loop import (
@@ -191,7 +192,8 @@ class CausalLM:
 
     def objective(self, device, model, plan, examples, pad_token_id, autocast_dtype) -> CausalLMObjective:  # noqa: ANN001
         """Packing and the chunked loss as planned, where a check on the loaded model confirms they apply."""
-        if not (getattr(plan, "packing", False) or getattr(plan, "chunked_loss", False)):
+        lora = PeftSettings.from_record(plan.peft).entry.peft_type == "LORA"  # prompt methods prepend tokens
+        if not lora or not (getattr(plan, "packing", False) or getattr(plan, "chunked_loss", False)):
             return CausalLMObjective()
         fast = choose_fast_paths(
             model, examples, pad_token_id, device, autocast_dtype,
