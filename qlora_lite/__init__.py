@@ -9,26 +9,34 @@ print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
 
 from __future__ import annotations
 
+# No module is named like a public function any more (train, plan, generate live in subpackages), so the
+# functions below are plain attributes; old module paths fail with their new place (qlora_lite.compat).
+from qlora_lite.compat import install_moved_module_finder
 from qlora_lite.data.formats import detect_format, load_records
 from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.demo.run import run_demo
 from qlora_lite.errors import UserError
 from qlora_lite.hub.push import push, resolve_adapter
+from qlora_lite.inference.adapters import AdapterSet, Completion
 from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.inference.generation import Generator, generate
+from qlora_lite.inference.server import serve
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.planner.memory import estimate_memory
 from qlora_lite.planner.planning import Plan, plan
 from qlora_lite.planner.profiles import get_profile
+from qlora_lite.training.api import train, train_classifier
+from qlora_lite.training.task_classifier import ClassifierResult
+from qlora_lite.training.tasks import TrainResult
 
-# Imported eagerly on purpose: `train`, `plan` and `generate` are both modules and functions, and the
-# function must win whatever imports the submodule later.
-from qlora_lite.training.classifier import train_classifier
-from qlora_lite.training.run import TrainResult, train
+install_moved_module_finder()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterSet",
+    "Completion",
+    "ClassifierResult",
     "Generator",
     "HardwareProfile",
     "Plan",
@@ -47,6 +55,7 @@ __all__ = [
     "push",
     "resolve_adapter",
     "run_demo",
+    "serve",
     "train",
     "train_classifier",
 ]

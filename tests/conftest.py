@@ -22,3 +22,14 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models) -> str:
     return tiny_models["llama"]
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A local HTTP stand-in of the Hub (tests/hub_server.py), started, with huggingface_hub, transformers
+    and datasets pointed at it (online mode, a fresh cache under tmp_path). Accounts: DEFAULT_ACCOUNTS."""
+    from hub_server import HubServer
+
+    server = HubServer()
+    with server.serving(monkeypatch, cache_dir=tmp_path / "hf-cache"):
+        yield server

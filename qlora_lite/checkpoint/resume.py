@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from qlora_lite.checkpoint.store import CheckpointInfo, CheckpointStore
 from qlora_lite.errors import UserError
+from qlora_lite.options import IDENTITY_SETTINGS
 from qlora_lite.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora_lite.training.loop import LoopState
 from qlora_lite.training.record import library_versions
@@ -37,11 +38,8 @@ ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP = (
     "rng.pt",
     "loop.json",
 )
-# The settings that define a run: a checkpoint made with other values belongs to another run.
-IDENTITY_SETTINGS = (
-    "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format",
-)  # fmt: skip
+# The settings that define a run (declared `resume="match"`): a checkpoint made with other values belongs
+# to another run.
 
 
 def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, Any]:

@@ -1,94 +1,64 @@
-"""The flags every training command shares (schedule, LoRA, checkpoints, planner knobs) and their parsers."""
+"""Command-line flags derived from the options declaration (qlora_lite.options), and reading them back.
+
+`add_option_flags(parser, command)` adds one flag per option that applies to `command`; `settings_from_args`
+returns the ones the user gave, checked with the flag named as typed (`--max-steps must be >= 1 (got 0)`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
+
+from qlora_lite.errors import UserError
+from qlora_lite.options import (  # noqa: F401 (re-exported: the value parsers lived here)
+    PLANNER_KNOBS,
+    Option,
+    columns_arg,
+    for_command,
+    modules_arg,
+    on_off,
+)
+
+_PLANNER_GROUP = "planner knobs (unset: the planner chooses and explains)"
 
 
-def on_off(value: str) -> bool:
-    if value.lower() in ("on", "true", "yes", "1"):
-        return True
-    if value.lower() in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+def _add(target: Any, option: Option) -> None:
+    kwargs: dict[str, Any] = {"dest": option.name, "default": None}
+    help_text = option.help
+    if option.action:
+        kwargs["action"] = option.action
+    else:
+        kwargs["type"] = option.parse
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+        if option.metavar:
+            kwargs["metavar"] = option.metavar
+        if option.default is not None:
+            help_text += f" (default: {option.default})"
+    target.add_argument(option.cli_flag, help=help_text, **kwargs)
 
 
-def columns_arg(value: str) -> dict[str, str]:
-    """`instruction=question,output=answer` -> {"instruction": "question", "output": "answer"}."""
-    mapping = {}
-    for pair in value.split(","):
-        role, sep, column = pair.partition("=")
-        if not sep or not role.strip() or not column.strip():
-            raise argparse.ArgumentTypeError(
-                f"--columns wants ROLE=COLUMN pairs like output=answer, got {pair!r}"
-            )
-        mapping[role.strip()] = column.strip()
-    return mapping
+def add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per option declared for `command` ("train", "plan", "train-classifier"); unset = None."""
+    options = for_command(command)
+    settings = parser.add_argument_group("settings") if command != "plan" else None
+    knobs = parser.add_argument_group(_PLANNER_GROUP)
+    for option in options:
+        _add(knobs if option.planner or settings is None else settings, option)
 
 
-def modules_arg(value: str) -> str | list[str]:
-    return value if value == "all-linear" else [m.strip() for m in value.split(",") if m.strip()]
-
-
-def add_knob_flags(parser: argparse.ArgumentParser) -> None:
-    """The planner's knobs, named as in `qlora-lite plan`; unset means the planner chooses."""
-    knobs = parser.add_argument_group("planner knobs (unset: the planner chooses and explains)")
-    knobs.add_argument("--quantization", choices=["nf4", "int8", "none"])
-    knobs.add_argument("--double-quant", type=on_off, metavar="on|off")
-    knobs.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"])
-    knobs.add_argument("--micro-batch-size", type=int)
-    knobs.add_argument("--gradient-accumulation-steps", type=int)
-    knobs.add_argument("--effective-batch-size", type=int)
-    knobs.add_argument("--max-seq-length", type=int)
-    knobs.add_argument("--gradient-checkpointing", type=on_off, metavar="on|off")
-    knobs.add_argument(
-        "--optimizer", choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
-    )
-    knobs.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
-    knobs.add_argument("--lora-r", type=int)
-    knobs.add_argument("--lora-target-modules", type=modules_arg, metavar="a,b,...|all-linear")
-    knobs.add_argument(
-        "--max-memory", metavar="SIZE", help="memory budget, e.g. 14GiB (default: what the device has)"
-    )
-
-
-def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("checkpoints (never lose work)")
-    group.add_argument(
-        "--checkpoint-dir", help="durable place for checkpoints (default: Google Drive when mounted)"
-    )
-    group.add_argument("--save-every-minutes", type=float, help="default: the plan's interval, at most 10")
-    group.add_argument("--save-every-steps", type=int)
-    group.add_argument(
-        "--resume", choices=["auto", "never", "force"], help="default auto: continue the same run"
-    )
-
-
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """The schedule, LoRA, checkpoint and planner flags every training command shares."""
-    parser.add_argument("--columns", type=columns_arg, metavar="ROLE=COL,...")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--lora-alpha", type=int)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--eval-fraction", type=float, default=0.1)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
-    parser.add_argument("--no-progress", action="store_true")
-    add_checkpoint_flags(parser)
-    add_knob_flags(parser)
-
-
-TRAIN_FLAGS = (
-    "format", "columns", "max_steps", "epochs", "learning_rate", "seed", "lora_alpha", "lora_dropout",
-    "eval_fraction", "eval_every", "eval_generations", "sample_generations", "train_on", "overwrite", "quantization", "double_quant", "compute_dtype",
-    "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size", "max_seq_length",
-    "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "max_memory",
-    "checkpoint_dir", "save_every_minutes", "save_every_steps", "resume", "push_to_hub", "hub_private",
-)  # fmt: skip
+def settings_from_args(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The options the user gave on the command line for `command`, each checked (UserError naming the flag)."""
+    given = {
+        o.name: getattr(args, o.name) for o in for_command(command) if getattr(args, o.name, None) is not None
+    }
+    problems = [
+        p for o in for_command(command) if o.name in given and (p := o.problem(given[o.name], o.cli_flag))
+    ]
+    if problems:
+        raise UserError("; ".join(problems))
+    return given
 
 
 def print_result(result) -> None:

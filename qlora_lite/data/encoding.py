@@ -235,19 +235,29 @@ def prompt_ids(messages: str | Sequence[dict], tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def load_tokenizer(model_path: str | os.PathLike) -> Any:
-    """AutoTokenizer from a local folder (never the network); UserError if it cannot be read."""
+def load_tokenizer(model_path: Any) -> Any:
+    """AutoTokenizer from a local folder, or from a Hub model (a `ModelSource` or an id, pinned to its commit);
+    UserError if it cannot be read."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(model_path):
+    from qlora_lite.model.source import looks_like_hub_id, resolve_model_source
+
+    if hasattr(model_path, "config_path"):  # a resolved ModelSource
+        name, kwargs = model_path.name, model_path.pretrained_kwargs()
+    elif os.path.isdir(model_path):  # a folder holding only tokenizer files is enough here
+        name, kwargs = str(model_path), {"local_files_only": True}
+    elif looks_like_hub_id(str(model_path)):
+        source = resolve_model_source(model_path)
+        name, kwargs = source.name, source.pretrained_kwargs()
+    else:
         raise UserError(
             f"model folder {model_path} not found: give a local folder holding the tokenizer files"
         )
     try:
-        return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"cannot load a tokenizer from {model_path} ({exc}); the folder needs tokenizer files"
+            f"cannot load a tokenizer from {name} ({str(exc).splitlines()[0]}); the model needs tokenizer files"
         ) from exc
 
 

@@ -320,3 +320,15 @@ def load_dataset_for_training(
     spec = detect_format(records, format=format, columns=columns)
     log.info("data: %d examples, format %s (%s)", len(records), spec.name, spec.reason)
     return records, spec
+
+
+def prompt_sample(conversations: Sequence[Sequence[Mapping]], limit: int = 64) -> list[str]:
+    """The system + user side of up to `limit` conversations, spread evenly over them (a run keeps these in its
+    record so a router can tell its domain later without the data file)."""
+    step = max(1, len(conversations) // limit) if conversations else 1
+    texts = []
+    for messages in list(conversations)[::step][:limit]:
+        text = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") in ("system", "user"))
+        if text.strip():
+            texts.append(text)
+    return texts

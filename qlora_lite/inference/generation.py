@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
-from qlora_lite.data.encoding import ensure_chat_template, prompt_ids
+from qlora_lite.data.encoding import ensure_chat_template
+from qlora_lite.hub.push import resolve_adapter
+from qlora_lite.inference.decoding import Completion, Prompt, complete, eos_ids, folder_eos_ids
 from qlora_lite.model.loading import load_for_inference
 
-Prompt = str | Sequence[dict[str, str]]  # a plain prompt, or a chat as [{"role": ..., "content": ...}, ...]
+__all__ = ["Completion", "Generator", "Prompt", "generate", "generate_batch"]
 
 
 class Generator:
@@ -26,10 +28,13 @@ class Generator:
         compute_dtype: str | None = None,
         revision: str | None = None,
     ) -> None:
+        folder = resolve_adapter(adapter, revision) if adapter is not None else None
         self.model, self.tokenizer = load_for_inference(
-            adapter, model=model, quantization=quantization, compute_dtype=compute_dtype, revision=revision
+            folder, model=model, quantization=quantization, compute_dtype=compute_dtype
         )
         ensure_chat_template(self.tokenizer)
+        # The run folder's generation config names the end-of-turn token it learned, when it differs from EOS.
+        self.eos = eos_ids(self.model, self.tokenizer, folder_eos_ids(folder))
 
     @property
     def device(self) -> torch.device:
@@ -51,15 +56,21 @@ class Generator:
             torch.manual_seed(seed)
         outputs: list[str] = []
         for start in range(0, len(batch_prompts), batch_size):
-            outputs += self._generate_batch(
-                batch_prompts[start : start + batch_size], max_new_tokens, temperature
-            )
+            outputs += [
+                c.text
+                for c in self.complete(batch_prompts[start : start + batch_size], max_new_tokens, temperature)
+            ]
         return outputs[0] if single else outputs
 
-    def _generate_batch(
-        self, prompts: Sequence[Prompt], max_new_tokens: int, temperature: float
-    ) -> list[str]:
-        return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens, temperature)
+    def complete(
+        self, prompts: Sequence[Prompt], max_new_tokens: int = 128, temperature: float = 0.0, **kwargs: Any
+    ) -> list[Completion]:
+        """One batch as `Completion`s (text, token counts, finish reason)."""
+        tokenizers = [self.tokenizer] * len(prompts)
+        return complete(
+            self.model, tokenizers, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            eos=self.eos, **kwargs,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -67,26 +78,11 @@ def generate_batch(
     model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, temperature: float = 0.0
 ) -> list[str]:
     """One left-padded batch through `model` (any causal LM, e.g. the one being trained)."""
-    encoded = [prompt_ids(p, tokenizer) for p in prompts]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    # Left padding: every prompt ends at the same column, so new tokens line up.
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-    attention_mask = torch.tensor(
-        [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
-    )
-    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
-    if temperature > 0:
-        kwargs["temperature"] = temperature
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        **kwargs,
-    )
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    completions = complete(
+        model, [tokenizer] * len(prompts), prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+        eos=eos_ids(model, tokenizer),
+    )  # fmt: skip
+    return [c.text for c in completions]
 
 
 def generate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class LoraSettings:
     alpha: int | None = None  # None: 2 * r, the common choice
     dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"
+    # Further peft.LoraConfig keywords, from the options declared with `lora=` (qlora_lite.options).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lora_alpha(self) -> int:
@@ -154,12 +156,36 @@ def attach_lora(
         lora_dropout=lora.dropout,
         target_modules=targets if isinstance(targets, str) else list(targets),
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        **lora.extra,
         **lora_extra,
     )
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"LoRA target modules {targets!r} do not match this model: {exc}") from exc
+
+
+def load_classification_base(
+    model_path: str,
+    *,
+    quantization: str,
+    double_quant: bool,
+    compute_dtype: str,
+    accelerator: str,
+    attn_implementation: str | None = "sdpa",
+    **config_kwargs: Any,
+):
+    """`load_base_model` for a classifier (the head stays out of 4/8-bit there)."""
+    return load_base_model(
+        model_path,
+        quantization=quantization,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        accelerator=accelerator,
+        attn_implementation=attn_implementation,
+        task="classification",
+        **config_kwargs,
+    )
 
 
 def load_tokenizer(model_path: str, revision: str | None = None):

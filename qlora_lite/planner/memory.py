@@ -108,13 +108,21 @@ class MemoryEstimate:
 
 
 def load_config(config: Any) -> tuple[dict, str]:
-    """A PretrainedConfig, a dict, or a path to a folder/file holding config.json -> (dict, source name)."""
+    """A PretrainedConfig, a dict, a path to a folder/file holding config.json, or a Hub id
+    (`org/name[@revision]`, config.json fetched alone) -> (dict, source name)."""
     if isinstance(config, Mapping):
         return dict(config), "config"
     if hasattr(config, "to_dict"):
         return config.to_dict(), f"{type(config).__name__}"
+    if hasattr(config, "config_path"):  # a resolved ModelSource (qlora_lite.model.source)
+        config = config.config_path
     if isinstance(config, (str, os.PathLike)):
         path = Path(config).expanduser()
+        if not path.exists():
+            from qlora_lite.model.source import looks_like_hub_id, resolve_model_source
+
+            if looks_like_hub_id(str(config)):  # a Hub id: fetch config.json alone (no weights)
+                path = resolve_model_source(str(config)).config_path
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():

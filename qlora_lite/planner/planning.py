@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.options import BY_NAME, PLANNER_KNOBS, problems
 from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-exported)
     DEFAULT_SEQ_LEN,
     MAX_CHECKPOINT_INTERVAL_S,
@@ -25,37 +26,20 @@ from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-export
 )
 from qlora_lite.planner.hardware import HardwareProfile, format_bytes
 from qlora_lite.planner.memory import (
-    ATTENTION,
-    COMPUTE_DTYPES,
-    OPTIMIZER_STATE_BYTES,
-    QUANTIZATIONS,
     TASKS,
     ModelShape,
     estimate_memory,
     model_shape,
 )
+from qlora_lite.planner.profiles import profile_with_budget, resolve_hardware
 
 DEFAULT_EFFECTIVE_BATCH = 16
 # Fraction of usable memory a plan may fill: the allocator fragments on CUDA; the estimate is +-5% on CPU.
 HEADROOM = {"cuda": 0.95, "cpu": 0.90, "mps": 0.85}
 
-KNOBS = {
-    "quantization": QUANTIZATIONS,
-    "double_quant": (True, False),
-    "compute_dtype": tuple(COMPUTE_DTYPES),
-    "micro_batch_size": int,
-    "gradient_accumulation_steps": int,
-    "effective_batch_size": int,
-    "max_seq_length": int,
-    "gradient_checkpointing": (True, False),
-    "optimizer": tuple(OPTIMIZER_STATE_BYTES),
-    "attn_implementation": ATTENTION,
-    "lora_r": int,
-    "lora_target_modules": None,  # 'all-linear' or a list of names, checked against the model
-    "task": TASKS,
-    "max_memory": None,  # a size, checked by parse_size
-    "num_labels": int,
-}
+# The knobs plan() accepts: the options declared `planner=True`, plus what the task brings.
+TASK_KNOBS = {"task": TASKS, "num_labels": int}
+KNOBS = (*PLANNER_KNOBS, *TASK_KNOBS)
 
 
 @dataclass(frozen=True)
@@ -189,42 +173,45 @@ class Plan:
 
 
 def _validate(fixed: dict[str, Any]) -> None:
-    for key, value in fixed.items():
+    for key in fixed:
         if key not in KNOBS:
             raise UserError(f"unknown planning knob {key!r}: known knobs are {', '.join(KNOBS)}")
-        allowed = KNOBS[key]
-        if allowed is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{key} must be a positive integer, got {value!r}")
-        elif isinstance(allowed, tuple) and value not in allowed:
-            raise UserError(f"{key} {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _hardware(hardware: HardwareProfile | str | None, max_memory: Any) -> HardwareProfile:
-    from qlora_lite.planner.profiles import get_profile, profile_with_budget
-
-    if hardware is None:
-        from qlora_lite.planner.hardware import detect
-
-        hardware = detect()
-    elif isinstance(hardware, str):
-        hardware = get_profile(hardware)
-    if max_memory is not None:
-        hardware = profile_with_budget(max_memory, hardware)
-    return hardware
+    problem = problems({k: v for k, v in fixed.items() if k in BY_NAME})
+    if fixed.get("task", "causal_lm") not in TASKS:
+        problem.append(f"task must be one of {', '.join(TASKS)} (got {fixed['task']!r})")
+    labels = fixed.get("num_labels")
+    if labels is not None and (isinstance(labels, bool) or not isinstance(labels, int) or labels < 1):
+        problem.append(f"num_labels must be a positive integer (got {labels!r})")
+    if problem:
+        raise UserError("; ".join(problem))
 
 
 def plan(
     model: Any, data: Sequence[int] | None = None, hardware: HardwareProfile | str | None = None, **fixed: Any
 ) -> Plan:
-    """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine)."""
+    """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine).
+
+    The entry point for users: `hardware` may be a profile name or None (detect); everything after that is
+    `make_plan`, a pure function of the model, a hardware profile, the data lengths and the fixed knobs.
+    """
+    return make_plan(model, data, resolve_hardware(hardware), **fixed)
+
+
+def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile, **fixed: Any) -> Plan:
+    """`plan()` for a resolved hardware profile: reads the model's config.json, touches nothing else."""
     _validate(fixed)
     shape = (
         model
         if isinstance(model, ModelShape)
         else model_shape(os.fspath(model) if isinstance(model, os.PathLike) else model)
     )
-    hw = _hardware(hardware, fixed.get("max_memory"))
+    if not isinstance(hardware, HardwareProfile):
+        raise TypeError(f"make_plan needs a HardwareProfile (resolve_hardware makes one), got {hardware!r}")
+    hw = (
+        profile_with_budget(fixed["max_memory"], hardware)
+        if fixed.get("max_memory") is not None
+        else hardware
+    )
     device = "cuda" if hw.accelerator == "cuda" else "cpu"
     usable = hw.usable_memory_bytes
     target = int(usable * HEADROOM.get(hw.accelerator, 0.9))
