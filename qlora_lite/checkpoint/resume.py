@@ -13,6 +13,7 @@ import logging
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,10 @@ class Checkpointer:
         metadata: dict[str, Any],
         every_seconds: float,
         every_steps: int | None = None,
+        extra_files: Callable[[], dict[str, bytes]] | None = None,
     ) -> None:
         self.store, self.model, self.optimizer, self.scheduler = store, model, optimizer, scheduler
+        self.extra_files = extra_files  # more state to save with each checkpoint (the best adapter so far)
         self.metadata = metadata
         self.every_seconds, self.every_steps = every_seconds, every_steps
         self.last_save = time.monotonic()
@@ -182,6 +185,7 @@ class Checkpointer:
             SCHEDULER: _torch_bytes(self.scheduler.state_dict()),
             RNG: _torch_bytes(capture_rng()),
             LOOP: json.dumps(asdict(state)).encode(),
+            **(self.extra_files() if self.extra_files else {}),
         }
         metadata = {
             **self.metadata,

@@ -105,6 +105,13 @@ def finished_record(out: Path, identity: dict) -> dict | None:
     )
 
 
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """`warmup_steps` when set, else `warmup_ratio` of the run."""
+    if config.warmup_steps is not None:
+        return min(config.warmup_steps, total_steps)
+    return int(config.warmup_ratio * total_steps)
+
+
 def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path):
     """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
     from transformers import get_scheduler
@@ -114,7 +121,7 @@ def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, sto
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_warmup_steps=warmup_steps(config, total_steps),
         num_training_steps=total_steps,
     )
     state = LoopState(micro_batch_size=the_plan.micro_batch_size)

@@ -109,6 +109,7 @@ class CausalLM:
     def __init__(self, records: list[dict] | None = None, spec: Any = None) -> None:
         self.records, self.spec = records, spec  # already read (train() reads once to pick the task)
         self.config = None
+        self.eval_records: list[dict] | None = None
 
     def read(self, config) -> TaskData:
         self.config = config
@@ -116,7 +117,14 @@ class CausalLM:
             self.records, self.spec = data_mod.load_dataset_for_training(
                 config.data, format=config.format, columns=config.columns
             )
-        return TaskData(self.spec, data_mod.fingerprint(self.records, self.spec), len(self.records))
+        self.eval_records = None
+        identity = {}
+        if config.eval_data is not None:  # a separate held-out set, in the same format, replaces the split
+            self.eval_records = data_mod.load_records(config.eval_data)
+            data_mod.to_conversations(self.eval_records, self.spec)  # its problems are reported now
+            identity = {"eval_data_fingerprint": data_mod.fingerprint(self.eval_records, self.spec)}
+        fingerprint = data_mod.fingerprint(self.records, self.spec)
+        return TaskData(self.spec, fingerprint, len(self.records), identity=identity)
 
     def check_checkpoint(self, latest) -> None:
         return None
@@ -125,9 +133,12 @@ class CausalLM:
         encode_mod.ensure_chat_template(tokenizer)
         config = self.config
         conversations = data_mod.to_conversations(self.records, self.spec)
-        train_items, eval_items = data_mod.split_train_eval(
-            conversations, config.eval_fraction, seed=config.seed
-        )
+        if self.eval_records is not None:
+            train_items, eval_items = conversations, data_mod.to_conversations(self.eval_records, self.spec)
+        else:
+            train_items, eval_items = data_mod.split_train_eval(
+                conversations, config.eval_fraction, seed=config.seed
+            )
         train, stats = encode_mod.encode_dataset(
             train_items, tokenizer, max_seq_length, train_on=config.train_on
         )
