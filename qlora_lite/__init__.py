@@ -9,6 +9,11 @@ print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
 
 from __future__ import annotations
 
+# First: a library pip upgraded under this (notebook) process means a restart; say so before anything breaks.
+from qlora_lite.demo.colab import check_fresh_imports
+
+check_fresh_imports()
+
 # No module is named like a public function any more (train, plan, generate live in subpackages), so the
 # functions below are plain attributes; old module paths fail with their new place (qlora_lite.compat).
 from qlora_lite.compat import install_moved_module_finder
@@ -20,6 +25,8 @@ from qlora_lite.hub.push import push, resolve_adapter
 from qlora_lite.inference.adapters import AdapterSet, Completion
 from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.inference.generation import Generator, generate
+from qlora_lite.inference.merge import merge_adapter
+from qlora_lite.inference.router import Router
 from qlora_lite.inference.server import serve
 from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.planner.memory import estimate_memory
@@ -40,6 +47,7 @@ __all__ = [
     "Generator",
     "HardwareProfile",
     "Plan",
+    "Router",
     "TrainResult",
     "UserError",
     "classify",
@@ -51,6 +59,7 @@ __all__ = [
     "get_profile",
     "load_classifier",
     "load_records",
+    "merge_adapter",
     "plan",
     "push",
     "resolve_adapter",

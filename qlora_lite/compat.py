@@ -20,7 +20,8 @@ from typing import Any
 # bitsandbytes >= 0.48 repacks a Linear4bit's weight for an AVX512-BF16 kernel the first time it runs in eval
 # mode without grad on CPU, and keeps it so: later training steps then go through `gemv_4bit`, which has no
 # autograd, and the gradients reaching LoRA layers below it are silently wrong. Evaluation inside a training
-# run triggers exactly that. Can go when bitsandbytes undoes the packing on `.train()` (set the version here).
+# run triggers exactly that. DoRA inference breaks the same way: its weight norms dequantize the repacked bytes
+# (plain PEFT logits off by ~0.1 on a tiny model), so DoRA adapters load with the guard on too. Can go when bitsandbytes undoes the packing on `.train()` (set the version here).
 BNB_REPACK_FIXED_IN: tuple[int, ...] | None = None
 
 

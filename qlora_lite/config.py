@@ -12,14 +12,22 @@ from dataclasses import field
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.options import (  # noqa: F401 (re-exported: the names callers used before options.py)
     OPTIONS,
     PLANNER_KNOBS,
     RESUME_MODES,
     SCHEDULERS,
+    peft_fields,
     planner_settings,
     problems,
 )
+
+
+def peft_settings(settings: dict[str, Any]) -> PeftSettings:
+    """The PEFT method options among `settings` (rank and targets are filled from the plan before attaching)."""
+    return PeftSettings(**{k: v for k, v in peft_fields(settings).items() if v is not None})
+
 
 # Fields that are not settings: where things are, and live objects.
 _NOT_SETTINGS = ("model", "data", "output_dir", "callbacks", "hardware", "progress")
@@ -27,8 +35,11 @@ _NOT_SETTINGS = ("model", "data", "output_dir", "callbacks", "hardware", "progre
 
 class _TrainConfigMethods:
     def fixed_knobs(self) -> dict[str, Any]:
-        """The planner knobs the user set (everything else the planner fills in)."""
-        return planner_settings(self.settings())
+        """The planner knobs the user set (everything else the planner fills in), and the PEFT method."""
+        return {**planner_settings(self.settings()), "peft": self.peft_settings()}
+
+    def peft_settings(self) -> PeftSettings:
+        return peft_settings(self.settings())
 
     def settings(self) -> dict[str, Any]:
         """Every option's value, by name."""
@@ -49,6 +60,8 @@ class _TrainConfigMethods:
     def validate(self) -> None:
         """Collect every problem, then raise once."""
         found = problems(self.settings())
+        if not found:  # the method's own rules (e.g. DoRA needs LoRA) once every value has the right type
+            found = self.peft_settings().problems()
         if found:
             raise UserError("invalid training settings: " + "; ".join(found))
 

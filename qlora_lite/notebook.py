@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qlora_lite.checkpoint.durable import DRIVE_ROOT, DRIVE_ROOT_ENV, default_durable_root
+from qlora_lite.demo.colab import demo_model  # noqa: F401 (the quickstart cell calls it from here)
 from qlora_lite.errors import UserError
 from qlora_lite.planner.hardware import HardwareProfile, detect, detect_environment
 
@@ -231,21 +232,34 @@ class NotebookData:
 
 
 def resolve_data(
-    data: Any, download_dir: str | os.PathLike = "data", *, n_train: int | None = None, n_held_out: int = 4
+    data: Any,
+    download_dir: str | os.PathLike = "data",
+    *,
+    n_train: int | None = None,
+    n_held_out: int | None = None,
 ) -> NotebookData:
-    """`data` as the notebooks accept it: "demo" (the built-in task), a file path, an https URL, or records.
+    """`data` as the notebooks accept it: "demo" (the built-in task), a Hub data set id (`org/name`), a file
+    path, an https URL, or records.
 
     A URL is downloaded once into `download_dir`. A path or URL that does not exist raises UserError.
     """
+    n_held_out = pick(3, 1) if n_held_out is None else n_held_out
     if data is None or (isinstance(data, str) and data.strip().lower() == "demo"):
         from qlora_lite.demo.task import make_dataset, prompt_for
 
-        train, held_out = make_dataset(n_train=n_train or 480, n_eval=n_held_out)
+        train, held_out = make_dataset(n_train=n_train or pick(480, 16), n_eval=n_held_out)
         return NotebookData(
             train,
             f"the built-in demo task (order text -> JSON): {len(train)} examples",
             held_out,
             [prompt_for(r) for r in held_out],
+        )
+    from qlora_lite.data.hub_dataset import is_hub_dataset_id
+
+    if is_hub_dataset_id(data):
+        records = _load(data)
+        return NotebookData(
+            data, f"{data} (a Hub data set): {len(records)} examples", [], sample_prompts(records, n_held_out)
         )
     if isinstance(data, (str, os.PathLike)):
         text = os.fspath(data).strip()
@@ -414,3 +428,20 @@ def is_finished(output_dir: str | os.PathLike) -> bool:
     from qlora_lite.training.record import RUN_RECORD
 
     return (Path(output_dir).expanduser() / RUN_RECORD).is_file()
+
+
+def report(result: Any, data: NotebookData, max_new_tokens: int = 64) -> None:
+    """After `train()`: what was trained (or resumed), the loss curve, and held-out answers before/after."""
+    if result.resumed_from_step is not None:
+        print(f"resumed_from_step = {result.resumed_from_step}: continued where the last run stopped")
+    m = result.metrics
+    print(f"trained {m['steps']} steps: train loss {m['train_loss']}, eval loss {m['eval_loss']}, "
+          f"{m['tokens_per_second']} tokens/s; adapter in {result.output_dir}")  # fmt: skip
+    show_loss_curve(result.output_dir)
+    if data.sample_prompts:
+        samples = before_after(
+            result.output_dir, data.sample_prompts, max_new_tokens=pick(max_new_tokens, 12)
+        )
+        for sample, row in zip(samples, data.held_out, strict=False):
+            sample["expected"] = row.get("output") or row.get("completion") or row.get("answer")
+        print(format_samples(samples))

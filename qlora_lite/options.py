@@ -7,10 +7,10 @@ Derived from `OPTIONS` (nothing else lists options by hand):
 - what a resumed run must match (`resume="match"`, the run identity) or keeps from its checkpoint's plan
   (`resume="kept"`) (qlora_lite.checkpoint.resume, qlora_lite.training.run),
 - the settings rows of a pushed adapter's model card (`card=`; qlora_lite.hub.card),
-- the `peft.LoraConfig` keywords a LoRA option sets (`lora=`; qlora_lite.model.loading).
+- the PEFT method settings (`peft=`: the `PeftSettings` field it sets; qlora_lite.model.peft_methods).
 
-Adding a LoRA option that maps to a `peft.LoraConfig` keyword is one `Option(...)` below (plus a test);
-see docs/architecture.md for the other kinds.
+A new LoRA option is three edits: one `Option(..., peft="field")` below, the field on `PeftSettings`, and
+its use in the method's `peft_config` (qlora_lite/model/peft_methods.py). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_lite.model.peft_methods import INITS, LORA_METHODS, METHODS, TARGET_PRESETS
 from qlora_lite.planner.memory import ATTENTION, COMPUTE_DTYPES, OPTIMIZER_STATE_BYTES, QUANTIZATIONS
 
 TRAIN, PLAN, CLASSIFY = "train", "plan", "train-classifier"
@@ -42,11 +43,22 @@ def on_off(value: str) -> bool:
 
 
 def modules_arg(value: str) -> str | list[str]:
-    """`q_proj,v_proj` -> ["q_proj", "v_proj"]; `all-linear` stays a string."""
+    """`q_proj,v_proj` -> ["q_proj", "v_proj"]; a preset (all-linear, attention, mlp) stays a string."""
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give module names separated by commas, or all-linear")
-    return "all-linear" if names == ["all-linear"] else names
+    return names[0] if len(names) == 1 and names[0] in TARGET_PRESETS else names
+
+
+def pattern_arg(value: str) -> dict[str, int]:
+    """`down_proj=8,layers\\.0\\.=4` -> {"down_proj": 8, "layers\\.0\\.": 4} (module-name regex = integer)."""
+    pattern = {}
+    for pair in value.split(","):
+        key, sep, number = pair.rpartition("=")
+        if not sep or not key.strip() or not number.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"want NAME_REGEX=INTEGER pairs like down_proj=8, got {pair!r}")
+        pattern[key.strip()] = int(number)
+    return pattern
 
 
 def columns_arg(value: str) -> dict[str, str]:
@@ -106,14 +118,17 @@ class Option:
     choices: tuple | None = None
     check: Check | None = None
     planner: bool = False  # plan() takes it as a fixed knob; unset, the planner chooses (and explains)
-    resume: str = "free"  # "match": part of the run's identity; "kept": restored from the checkpoint's plan
+    # "match": part of the run's identity; "match_if_set": part of it when not at its default (checkpoints made
+    # before the option existed stay valid); "kept": restored from the checkpoint's plan; "free": may change.
+    resume: str = "free"
     commands: frozenset = TRAINING  # the CLI commands that have its flag
     flag: str | None = None  # default: --name-with-dashes
+    aliases: tuple[str, ...] = ()  # further flag names
     action: str | None = None  # argparse action for flags without a value (store_true / store_false)
     metavar: str | None = None
     card: str | None = None  # the model card row that shows it
-    lora: str | None = None  # the peft.LoraConfig keyword it sets
-    aliases: tuple[str, ...] = ()  # other names a YAML recipe may use for it (Hugging Face / TRL / Axolotl)
+    peft: str | None = None  # the PeftSettings field it sets (qlora_lite.model.peft_methods)
+    recipe_names: tuple[str, ...] = ()  # other names a YAML recipe may use (Hugging Face / TRL / Axolotl)
 
     @property
     def cli_flag(self) -> str:
@@ -138,6 +153,11 @@ def _knob(name: str, parse: Callable, help: str, **kw: Any) -> Option:
 
 
 OPTIONS: tuple[Option, ...] = (
+    # where the model and data come from (a Hub model's revision; a Hub data set's config and split)
+    Option("model_revision", str, None, "branch, tag or commit of a Hub model (or --model org/name@REV)", commands=EVERYWHERE),
+    Option("data_config", str, None, "config (subset) of a Hub data set given as --data org/name", commands=EVERYWHERE, resume="match"),
+    Option("data_split", str, None, "split of a Hub data set (default: train)", commands=EVERYWHERE, resume="match"),
+    Option("chat_template", str, None, "the tokenizer's own (default; ChatML if it has none), chatml, llama3, gemma, or a Jinja file", commands=frozenset({TRAIN}), resume="match"),
     # data
     Option("format", str, None, "data format (default: detected)", commands=frozenset({TRAIN}), resume="match"),
     Option("columns", columns_arg, None, "which column holds which role, e.g. output=answer", metavar="ROLE=COL,..."),
@@ -145,9 +165,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("train_on", str, "assistant", "assistant: loss on responses only; all: on every token", choices=("assistant", "all"), commands=frozenset({TRAIN}), resume="match"),
     # schedule
     Option("max_steps", int, None, "optimizer steps (default: --epochs over the data)", check=at_least(1), resume="match", card="steps planned"),
-    Option("epochs", float, 1.0, "passes over the data when --max-steps is not set", check=above(0), resume="match", aliases=("num_train_epochs",)),
+    Option("epochs", float, 1.0, "passes over the data when --max-steps is not set", check=above(0), resume="match", recipe_names=("num_train_epochs",)),
     Option("learning_rate", float, 2e-4, "peak learning rate", check=between(0, 1, "(0, 1)"), resume="match", card="learning rate"),
-    Option("lr_scheduler", str, "cosine", "learning-rate schedule", choices=SCHEDULERS, resume="match", card="learning-rate schedule", aliases=("lr_scheduler_type",)),
+    Option("lr_scheduler", str, "cosine", "learning-rate schedule", choices=SCHEDULERS, resume="match", card="learning-rate schedule", recipe_names=("lr_scheduler_type",)),
     Option("warmup_ratio", float, 0.03, "share of the steps spent warming up", check=at_least(0), resume="match"),
     Option("warmup_steps", int, None, "warm-up steps (overrides --warmup-ratio)", check=at_least(0), resume="match"),
     Option("weight_decay", float, 0.0, "AdamW weight decay", check=at_least(0), resume="match"),
@@ -157,22 +177,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("early_stopping_patience", int, None, "stop after this many evaluations without a lower eval loss", check=at_least(1), resume="match", metavar="N"),
     Option("keep_best", bool, False, "keep the best-eval adapter as the run's adapter (the last one stays in the newest checkpoint)", action="store_true", check=BOOL, resume="match"),
     Option("report_to", str, None, "experiment tracking: none, tensorboard, wandb, trackio (several joined by commas)", metavar="NAME[,NAME]"),
-    Option("eval_every", int, None, "optimizer steps between evaluations (default: about 5 per run)", check=at_least(1), aliases=("eval_steps",)),
+    Option("eval_every", int, None, "optimizer steps between evaluations (default: about 5 per run)", check=at_least(1), recipe_names=("eval_steps",)),
     Option("eval_generations", int, 0, "held-out prompts scored by exact/contains match before/after", check=at_least(0), commands=frozenset({TRAIN})),
     Option("sample_generations", int, 3, "held-out answers shown side by side before/after", check=at_least(0), commands=frozenset({TRAIN})),
     # LoRA (rank and targets are planner knobs too: they change memory)
-    _knob("lora_r", int, "LoRA rank", check=POSITIVE_INT, resume="kept", card="LoRA rank", aliases=("r",)),
-    Option("lora_alpha", int, None, "LoRA alpha (default: 2 x rank)", resume="match", card="LoRA alpha"),
-    Option("lora_dropout", float, 0.05, "dropout on the LoRA input", check=between(0, 1, "[0, 1)"), resume="match", card="LoRA dropout"),
-    _knob("lora_target_modules", modules_arg, "modules that get LoRA", metavar="a,b,...|all-linear", resume="kept", card="LoRA targets", aliases=("target_modules",)),
+    _knob("lora_r", int, "LoRA rank", check=POSITIVE_INT, resume="kept", card="LoRA rank", recipe_names=("r",)),
+    Option("lora_alpha", int, None, "LoRA alpha (default: 2 x rank)", resume="match", card="LoRA alpha", peft="alpha"),
+    Option("lora_dropout", float, 0.05, "dropout on the LoRA input", check=between(0, 1, "[0, 1)"), resume="match", card="LoRA dropout", peft="dropout"),
+    _knob("lora_target_modules", modules_arg, "modules that get LoRA: a preset or names", metavar="all-linear|attention|mlp|a,b,...", aliases=("--target-modules",), resume="kept", card="LoRA targets", recipe_names=("target_modules",)),
+    # PEFT method (model/peft_methods.py says what each costs; the planner accounts for it). Unset: plain LoRA.
+    Option("peft_method", str, "lora", "the PEFT method", choices=tuple(METHODS), commands=EVERYWHERE, resume="match_if_set", peft="method"),
+    Option("lora_method", str, "lora", "dora: weight-decomposed LoRA", choices=LORA_METHODS, commands=EVERYWHERE, resume="match_if_set", peft="lora_method"),
+    Option("rslora", bool, False, "scale by alpha/sqrt(r) instead of alpha/r", action="store_true", commands=EVERYWHERE, resume="match_if_set", peft="rslora", recipe_names=("use_rslora", "peft_use_rslora")),
+    Option("lora_plus_ratio", float, None, "LoRA+: B matrices learn at R x the learning rate", metavar="R", check=above(0), commands=EVERYWHERE, resume="match_if_set", peft="lora_plus_ratio", recipe_names=("loraplus_lr_ratio",)),
+    Option("init_lora_weights", str, "default", "LoRA init (default: A random, B zero)", choices=tuple(INITS), commands=EVERYWHERE, resume="match_if_set", peft="init"),
+    Option("loftq_iter", int, 1, "LoftQ alternations", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="loftq_iter"),
+    Option("rank_pattern", pattern_arg, None, "per-layer ranks", metavar="REGEX=R,...", commands=EVERYWHERE, resume="match_if_set", peft="rank_pattern"),
+    Option("alpha_pattern", pattern_arg, None, "per-layer alphas", metavar="REGEX=A,...", commands=EVERYWHERE, resume="match_if_set", peft="alpha_pattern"),
+    Option("num_virtual_tokens", int, 20, "virtual tokens of prompt/prefix tuning", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="num_virtual_tokens"),
     # planner knobs
     _knob("quantization", str, "base weights: 4-bit NF4, 8-bit or none", choices=QUANTIZATIONS, resume="kept", card="quantization"),
-    _knob("double_quant", on_off, "quantize the 4-bit scales too", metavar="on|off", check=BOOL, resume="kept", card="double quantization", aliases=("bnb_4bit_use_double_quant",)),
+    _knob("double_quant", on_off, "quantize the 4-bit scales too", metavar="on|off", check=BOOL, resume="kept", card="double quantization", recipe_names=("bnb_4bit_use_double_quant",)),
     _knob("compute_dtype", str, "dtype of the matmuls", choices=tuple(COMPUTE_DTYPES), resume="kept", card="compute dtype"),
-    _knob("micro_batch_size", int, "examples per forward/backward", check=POSITIVE_INT, aliases=("per_device_train_batch_size",)),
+    _knob("micro_batch_size", int, "examples per forward/backward", check=POSITIVE_INT, recipe_names=("per_device_train_batch_size",)),
     _knob("gradient_accumulation_steps", int, "micro-batches per optimizer step", check=POSITIVE_INT),
     _knob("effective_batch_size", int, "examples per optimizer step", check=POSITIVE_INT, resume="kept"),
-    _knob("max_seq_length", int, "tokens per example (longer ones are truncated)", check=POSITIVE_INT, resume="kept", card="max sequence length", aliases=("max_length", "sequence_len")),
+    _knob("max_seq_length", int, "tokens per example (longer ones are truncated)", check=POSITIVE_INT, resume="kept", card="max sequence length", recipe_names=("max_length", "sequence_len")),
     _knob("gradient_checkpointing", on_off, "recompute activations in backward", metavar="on|off", check=BOOL, resume="kept", card="gradient checkpointing"),
     _knob("optimizer", str, "optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), resume="kept", card="optimizer"),
     _knob("attn_implementation", str, "attention kernel", choices=ATTENTION, resume="kept", card="attention"),
@@ -180,8 +210,8 @@ OPTIONS: tuple[Option, ...] = (
     # never lose work
     Option("checkpoint_dir", str, None, "durable place for checkpoints: a folder or hf://user/repo (default: Google Drive when mounted)"),
     Option("save_every_minutes", float, None, "minutes between checkpoints (default: the plan's interval, at most 10)", check=above(0)),
-    Option("save_every_steps", int, None, "optimizer steps between checkpoints", check=at_least(1), aliases=("save_steps",)),
-    Option("keep_checkpoints", int, 2, "verified checkpoints kept", check=at_least(1), aliases=("save_total_limit",)),
+    Option("save_every_steps", int, None, "optimizer steps between checkpoints", check=at_least(1), recipe_names=("save_steps",)),
+    Option("keep_checkpoints", int, 2, "verified checkpoints kept", check=at_least(1), recipe_names=("save_total_limit",)),
     Option("resume", str, "auto", "auto: continue the same run if found; never; force: even if settings differ", choices=RESUME_MODES),
     # ship (the token comes from HF_TOKEN / `hf auth login` / the Colab secret, never from a setting)
     Option("push_to_hub", str, None, "push the adapter and a model card to this repo when training ends", commands=frozenset({TRAIN}), metavar="REPO_ID"),
@@ -192,6 +222,8 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 PLANNER_KNOBS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.planner)
 IDENTITY_SETTINGS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.resume == "match")
+IDENTITY_SETTINGS_IF_SET: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.resume == "match_if_set")
+PEFT_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.peft)
 KEPT_ON_RESUME: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.resume == "kept")
 
 
@@ -215,9 +247,9 @@ def problems(settings: dict[str, Any], labels: dict[str, str] | None = None) -> 
     return found
 
 
-def lora_keywords(settings: dict[str, Any]) -> dict[str, Any]:
-    """The `peft.LoraConfig` keywords the LoRA options set (those declared with `lora=`)."""
-    return {o.lora: settings[o.name] for o in OPTIONS if o.lora and o.name in settings}
+def peft_fields(settings: dict[str, Any]) -> dict[str, Any]:
+    """`PeftSettings` keywords from option values (the options declared with `peft=`)."""
+    return {o.peft: settings[o.name] for o in OPTIONS if o.peft and o.name in settings}
 
 
 def names(options: Iterable[Option]) -> list[str]:

@@ -76,6 +76,8 @@ TRANSLATED: dict[str, Callable[[Any, str], dict[str, Any]]] = {
     "load_in_4bit": _flag("quantization", "nf4"),
     "load_in_8bit": _flag("quantization", "int8"),
     "bnb_4bit_quant_type": _quant_type,
+    "use_dora": _flag("lora_method", "dora"),  # PEFT / Axolotl (peft_use_dora)
+    "peft_use_dora": _flag("lora_method", "dora"),
 }
 
 
@@ -83,7 +85,7 @@ def aliases() -> dict[str, Callable[[Any, str], dict[str, Any]]]:
     """Every name a recipe may use besides the option names: declared aliases plus the translated ones."""
     from qlora_lite.options import OPTIONS
 
-    declared = {alias: _renamed(o.name) for o in OPTIONS for alias in o.aliases}
+    declared = {alias: _renamed(o.name) for o in OPTIONS for alias in o.recipe_names}
     return {**declared, **TRANSLATED}
 
 

@@ -12,6 +12,7 @@ RUN_RECORD = "run_record.json"  # how the run was made: base + revision, plan, d
 RUN_CONFIG = "run_config.json"  # the settings a run started with: `qlora-lite resume` re-runs them
 STEP_LOG = "steps.jsonl"  # one row per optimizer step and per evaluation
 LOSS_PLOT = "loss.png"
+GENERATION_CONFIG = "generation_config.json"  # stop tokens: the model's EOS plus the template's end-of-turn
 LABELS_FILE = "labels.json"  # a classifier's label mapping (the config keywords to rebuild its head)
 CONFUSION_PLOT = "confusion_matrix.png"
 CHECKPOINTS = "checkpoints"  # checkpoints/checkpoint-N/
@@ -20,4 +21,4 @@ STAGING = ".staging-"  # prefix of a checkpoint being written (never read as a c
 ORIGIN_FILE = "qlora_lite_origin.json"  # {"hub_id": ...} in a model folder converted from a Hub model
 
 # What a finished run consists of (removed together by `overwrite`).
-RUN_FILES = (RUN_RECORD, RUN_CONFIG, STEP_LOG, LOSS_PLOT, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+RUN_FILES = (RUN_RECORD, RUN_CONFIG, STEP_LOG, LOSS_PLOT, ADAPTER_CONFIG, ADAPTER_WEIGHTS, GENERATION_CONFIG)

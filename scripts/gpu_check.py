@@ -5,7 +5,10 @@ through qlora_lite's own loader (4-bit NF4 + double quant, LoRA r16 all-linear, 
 trainer does) and runs three QLoRA steps per case; the third is measured. About 4-6 minutes on one GPU.
 
     python scripts/gpu_check.py [--output benchmarks/gpu_check.json]
+    python scripts/gpu_check.py --multi-gpu [--output benchmarks/gpu_check_multi.json]
 
+--multi-gpu (2+ GPUs, about 2 minutes): the same 4-bit run as 1 process and as 2 nccl ranks under torchrun
+(fp32 compute, LoRA dropout 0): per-step losses and the adapter must agree (docs/distributed.md).
 Without CUDA it says so and exits 0.
 """
 
@@ -118,15 +121,85 @@ def measure(case: Case, path: Path, compute_dtype: str, steps: int = 3) -> dict:
             "tokens_per_second": round(case.micro_batch_size * case.seq_len / seconds, 1)}  # fmt: skip
 
 
+def multi_gpu_check(output: Path) -> int:
+    """1 process vs 2 nccl ranks on the same data and effective batch: losses and adapters must agree."""
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from models_util import build_tiny_model
+
+    if torch.cuda.device_count() < 2:
+        print(f"--multi-gpu needs 2+ GPUs; this machine has {torch.cuda.device_count()}, nothing to do.")
+        return 0
+    settings = ["--max-steps", "8", "--effective-batch-size", "8", "--lora-r", "8", "--lora-dropout", "0",
+                "--quantization", "nf4", "--compute-dtype", "fp32", "--seed", "5", "--save-every-steps", "4",
+                "--sample-generations", "0", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result: dict = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_model("llama", Path(tmp) / "model")
+        data = Path(tmp) / "data.jsonl"
+        rows = [
+            {"instruction": f"Count to {i}", "output": " ".join(map(str, range(i % 17 + 1)))}
+            for i in range(90)
+        ]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs = {
+            "one_process": [sys.executable, "-m", "qlora_lite", "train"],
+            "two_ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "qlora_lite", "train"],
+        }  # fmt: skip
+        for name, launcher in runs.items():
+            out = Path(tmp) / name
+            start = time.perf_counter()
+            proc = subprocess.run(
+                [*launcher, "--model", str(model), "--data", str(data), "--output", str(out), *settings],
+                capture_output=True, text=True, env={**env, **({"CUDA_VISIBLE_DEVICES": "0"} if name == "one_process" else {})},
+            )  # fmt: skip
+            result[name] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1)}
+            if proc.returncode != 0:
+                result[name]["stderr_tail"] = proc.stderr[-3000:]
+                continue
+            record = json.loads((out / "run_record.json").read_text())
+            steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+            result[name].update(
+                world_size=record.get("world_size"), plan=record["plan"],
+                losses=[r["loss"] for r in steps if "loss" in r],
+                checkpoints=sorted(p.name for p in (out / "checkpoints").iterdir()),
+                adapter={k: v.float() for k, v in load_file(out / "adapter_model.safetensors").items()},
+            )  # fmt: skip
+        one, two = result["one_process"], result["two_ranks"]
+        a, b = one.pop("adapter", None), two.pop("adapter", None)
+        ok = a is not None and b is not None
+        if ok:
+            loss_diff = max(abs(x - y) for x, y in zip(one["losses"], two["losses"], strict=True))
+            adapter_diff = max((a[k] - b[k]).abs().max().item() for k in a)
+            result["max_loss_difference"], result["max_adapter_difference"] = loss_diff, adapter_diff
+            ok = two["world_size"] == 2 and loss_diff <= 1e-4 and adapter_diff <= 1e-4
+    result["ok"] = ok
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("one_process", "two_ranks")}, indent=2))
+    print(f"wrote {output}")
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="GPU check of the memory model")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "gpu_check.json"))
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--multi-gpu", action="store_true", help="2 nccl ranks vs 1 process (needs 2+ GPUs)")
     args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU; none is available here, nothing to do.")
         return 0
+    if args.multi_gpu:
+        return multi_gpu_check(Path(args.output or ROOT / "benchmarks" / "gpu_check_multi.json"))
+    args.output = args.output or str(ROOT / "benchmarks" / "gpu_check.json")
     capability = torch.cuda.get_device_capability(0)
     compute_dtype = "bf16" if capability >= (8, 0) else "fp16"
     rows = []

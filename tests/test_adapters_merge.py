@@ -105,6 +105,14 @@ def test_requantizing_is_refused_unless_asked_and_says_what_it_costs(made, tmp_p
     code = cli_main(["merge", made["r4"], "--output", str(tmp_path / "m"), "--quantize", "nf4"])
     assert code == 2 and "peft #1043" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+    asked = merge_adapter(made["r4"], tmp_path / "q", dtype="fp32", quantize="nf4", allow_requantize=True)
+    report = asked.report
+    assert (
+        report["quantized_to"] == "nf4"
+        and report["requantized_max_abs_logit_diff"] > report["max_abs_logit_diff"]
+    )
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    assert not (tmp_path / "q" / ".merged-16bit").exists()
 
 
 def test_combine_guards_refuse_what_peft_gets_wrong(tiny_model, made):

@@ -179,3 +179,45 @@ def test_a_hub_that_answers_503_is_unreachable_too(hub_server, tiny_model):
 def test_not_a_folder_nor_an_id(capsys, tmp_path):
     line = fails_with(capsys, ["plan", "--model", str(tmp_path / "nowhere" / "x" / "y"), *PLAN_FLAGS])
     assert "not a local folder, nor a Hub id" in line
+
+
+# ---------------------------------------------------------------------------------------- training
+
+TRAIN_ROWS = [{"instruction": f"Say {i}", "output": f"The number is {i}."} for i in range(8)]
+FAST = dict(max_steps=2, micro_batch_size=2, effective_batch_size=4, lora_r=4, progress=False)
+
+
+def test_train_by_hub_id_pins_the_commit_then_generates(hub_server, tiny_model, tmp_path):
+    import qlora_lite
+
+    first = publish(hub_server, tiny_model)
+    out = tmp_path / "run"
+    result = qlora_lite.train("org/tiny", TRAIN_ROWS, str(out), **FAST)
+    base = json.loads(result.run_record.read_text())["base_model"]
+    assert (base["hub_id"], base["revision"], base["path"]) == ("org/tiny", first, "org/tiny")
+    downloaded = [path for _, path in hub_server.requests if path.endswith("model.safetensors")]
+    assert downloaded, "the weights came from the stand-in Hub"
+
+    # main moves on; generation from the run folder loads the base at the recorded commit
+    hub_server.add_commit("org/tiny", {"README.md": "# moved on\n"})
+    hub_server.requests.clear()
+    text = qlora_lite.generate("Say 3", adapter=str(out), max_new_tokens=4)
+    assert isinstance(text, str)
+    infos = [path for _, path in hub_server.requests if path.startswith("/api/models/org/tiny")]
+    assert infos == [f"/api/models/org/tiny/revision/{first}"]  # asked for that commit, not for main
+
+
+def test_train_at_a_pinned_revision(hub_server, tiny_model, tmp_path):
+    import qlora_lite
+
+    first = publish(hub_server, tiny_model)
+    hub_server.add_commit("org/tiny", {"README.md": "---\nlicense: mit\n---\n"})
+    result = qlora_lite.train(f"org/tiny@{first}", TRAIN_ROWS, str(tmp_path / "run"), **FAST)
+    record = json.loads(result.run_record.read_text())
+    assert record["base_model"]["revision"] == first
+    assert record["base_model"]["requested_revision"] == first
+    assert record["identity"]["base_model"] == {
+        "hub_id": "org/tiny",
+        "revision": first,
+        "config_sha256": record["base_model"]["config_sha256"],
+    }

@@ -64,6 +64,8 @@ def test_each_command_has_a_flag_for_each_of_its_options_and_reads_it_back():
                 argv, expected = [option.cli_flag, "q_proj,v_proj"], ["q_proj", "v_proj"]
             elif option.parse is options.columns_arg:
                 argv, expected = [option.cli_flag, "output=answer"], {"output": "answer"}
+            elif option.parse is options.pattern_arg:
+                argv, expected = [option.cli_flag, "down_proj=8"], {"down_proj": 8}
             else:
                 text = SAMPLE.get(option.parse) or "x"
                 argv, expected = [option.cli_flag, text], option.parse(text)
@@ -77,12 +79,18 @@ def test_each_command_has_a_flag_for_each_of_its_options_and_reads_it_back():
 
 
 def test_planner_knobs_are_the_declared_ones_and_the_plan_flags_are_the_knobs():
-    assert set(KNOBS) == set(options.PLANNER_KNOBS) | {"task", "num_labels"}
-    assert {o.name for o in options.for_command("plan")} == set(options.PLANNER_KNOBS)
+    assert set(KNOBS) == set(options.PLANNER_KNOBS) | {"task", "num_labels", "peft", "world_size", "fsdp"}
+    sources = {"model_revision", "data_config", "data_split"}  # where the model and data come from
+    peft = set(options.PEFT_OPTIONS) - {
+        "lora_alpha",
+        "lora_dropout",
+    }  # the plan's "peft" knob is made of them
+    assert {o.name for o in options.for_command("plan")} == set(options.PLANNER_KNOBS) | sources | peft
     # Resume: what must match and what a resumed run keeps did not change with the declaration.
     assert set(options.IDENTITY_SETTINGS) == {
         "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
-        "seed", "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format",
+        "seed", "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format", "chat_template", "data_config",
+        "data_split",
     }  # fmt: skip
     assert set(options.KEPT_ON_RESUME) == {
         "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",
@@ -140,17 +148,28 @@ def test_model_card_rows_follow_the_declaration():
     assert rows["learning rate"] == 1e-4 and rows["LoRA dropout"] == 0.1
 
 
-def test_a_lora_option_reaches_peft_through_lora_settings(tiny_model, monkeypatch):
-    """Adding `Option("use_rslora", on_off, False, "...", lora="use_rslora")` is all a LoRA option needs."""
-    from qlora_lite.model.loading import LoraSettings, attach_lora, load_base_model
+def test_peft_options_reach_peft_through_the_plan(tiny_model):
+    """Options declared with `peft=` build the PeftSettings the planner sees and attach_lora applies."""
+    from qlora_lite.model.loading import attach_lora, load_base_model
+    from qlora_lite.model.peft_methods import PeftSettings
+    from qlora_lite.planner.planning import plan
 
-    probe = options.Option("use_rslora", options.on_off, False, "rank-stabilised scaling", lora="use_rslora")
-    assert options.lora_keywords(TrainConfig("m", "d", "o").settings()) == {}
-    monkeypatch.setattr(options, "OPTIONS", (*options.OPTIONS, probe))
-    extra = options.lora_keywords({"use_rslora": True, "seed": 1})
-    assert extra == {"use_rslora": True}
+    config = make_config("m", "d", "o", rslora=True, lora_method="dora", lora_alpha=8, lora_dropout=0.0)
+    settings = config.peft_settings()
+    assert (settings.rslora, settings.lora_method, settings.alpha, settings.dropout) == (True, "dora", 8, 0.0)
+    the_plan = plan(tiny_model, hardware="cpu", lora_r=4, **{k: v for k, v in config.fixed_knobs().items()})
+    planned = PeftSettings.from_record(the_plan.peft)
+    assert planned.r == 4 and planned.rslora and planned.lora_method == "dora"
     base = load_base_model(
         tiny_model, quantization="none", double_quant=False, compute_dtype="fp32", accelerator="cpu"
     )
-    model = attach_lora(base, LoraSettings(r=4, extra=extra), gradient_checkpointing=False)
-    assert model.peft_config["default"].use_rslora is True
+    model = attach_lora(base, planned, gradient_checkpointing=False)
+    peft_config = model.peft_config["default"]
+    assert peft_config.use_rslora is True and peft_config.use_dora is True and peft_config.lora_alpha == 8
+    # The CLI: the flags and the alias land on the same options.
+    args = _parse("train", ["--rslora", "--target-modules", "attention", "--lora-method", "dora"])
+    assert settings_from_args(args, "train") == {
+        "rslora": True, "lora_target_modules": "attention", "lora_method": "dora"
+    }  # fmt: skip
+    # Set PEFT options join the run identity; at their defaults they leave it as it was before they existed.
+    assert set(options.IDENTITY_SETTINGS_IF_SET) == set(options.PEFT_OPTIONS) - {"lora_alpha", "lora_dropout"}

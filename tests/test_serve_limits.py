@@ -183,3 +183,17 @@ def test_a_finished_stream_returns_its_completion(adapter_set):
             break
     assert completion == adapter_set.generate(["The quick brown fox"], "beta", max_new_tokens=10)[0]
     assert "".join(text) == completion.text
+
+
+def test_an_engine_that_is_not_running_answers_503(adapter_set):
+    import asyncio
+
+    from qlora_lite.inference.server.engine import Engine, Job, Sampling
+    from qlora_lite.inference.server.errors import APIError
+
+    async def submit():
+        Engine(adapter_set).submit(Job("generate", "alpha", "hi", Sampling(4)))
+
+    with pytest.raises(APIError) as caught:
+        asyncio.run(submit())
+    assert caught.value.status == 503 and caught.value.body()["error"]["type"] == "server_overloaded"

@@ -1,7 +1,9 @@
 """Runs one `qlora_lite.train` call in a subprocess for the kill/resume tests, optionally SIGKILLing itself.
 
-argv[1] is JSON: {"model", "data", "out", "settings", "kill_at_forward": N | null, "kill_after_seconds": S | null}.
-Prints one JSON line with the result's metrics and resumed_from_step when it finishes.
+argv[1] is JSON: {"model", "data", "out", "settings", "kill_at_forward": N | null, "kill_after_seconds": S | null,
+"kill_rank": R | null, "oom_at_forward": [N, ...]}. Under torchrun, the kill (and the injected out-of-memory
+errors) happen only on rank `kill_rank` (default: every rank).
+Prints one JSON line with the result's metrics and resumed_from_step when it finishes (rank 0 only).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ def die() -> None:
 
 
 class Killer:
-    def __init__(self, at_forward: int | None, after_seconds: float | None) -> None:
+    def __init__(self, at_forward: int | None, after_seconds: float | None, oom_at=()) -> None:
         self.at_forward, self.after_seconds, self.count = at_forward, after_seconds, 0
+        self.oom_at = set(oom_at)
 
     def on_model_ready(self, model) -> None:
         if self.after_seconds is not None:
             threading.Timer(self.after_seconds, die).start()
-        if self.at_forward is None:
+        if self.at_forward is None and not self.oom_at:
             return
 
         def hook(module, args):
@@ -32,6 +35,10 @@ class Killer:
                 self.count += 1
                 if self.count == self.at_forward:
                     die()
+                if self.count in self.oom_at:
+                    import torch
+
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
         model.get_base_model().model.layers[0].register_forward_pre_hook(hook)
 
@@ -40,9 +47,15 @@ def main() -> None:
     job = json.loads(sys.argv[1])
     import qlora_lite
 
-    killer = Killer(job.get("kill_at_forward"), job.get("kill_after_seconds"))
-    result = qlora_lite.train(job["model"], job["data"], job["out"], callbacks=[killer], **job["settings"])
-    print(json.dumps({"metrics": result.metrics, "resumed_from_step": result.resumed_from_step}))
+    rank = int(os.environ.get("RANK", 0))
+    callbacks = []
+    if job.get("kill_rank") in (None, rank):
+        callbacks.append(
+            Killer(job.get("kill_at_forward"), job.get("kill_after_seconds"), job.get("oom_at_forward", ()))
+        )
+    result = qlora_lite.train(job["model"], job["data"], job["out"], callbacks=callbacks, **job["settings"])
+    if rank == 0:
+        print(json.dumps({"metrics": result.metrics, "resumed_from_step": result.resumed_from_step}))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 
 from qlora_lite.checkpoint.store import CheckpointInfo, CheckpointStore
 from qlora_lite.errors import UserError
-from qlora_lite.options import IDENTITY_SETTINGS
+from qlora_lite.options import BY_NAME, IDENTITY_SETTINGS, IDENTITY_SETTINGS_IF_SET
 from qlora_lite.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora_lite.training.loop import LoopState
 from qlora_lite.training.record import library_versions
@@ -45,13 +45,19 @@ ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP = (
 
 def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run (paths may differ between machines)."""
+    settings = {name: getattr(config, name) for name in IDENTITY_SETTINGS}
+    # Options added later count only when set, so checkpoints made before they existed stay valid.
+    settings.update(
+        {n: getattr(config, n) for n in IDENTITY_SETTINGS_IF_SET if getattr(config, n) != BY_NAME[n].default}
+    )
     return {
         "base_model": {
+            "hub_id": base_model.get("hub_id"),  # another model is another run, even at an equal commit
             "config_sha256": base_model.get("config_sha256"),
-            "revision": base_model.get("revision"),
+            "revision": base_model.get("revision"),  # the Hub commit sha, or a hash of the local files
         },
         "data_fingerprint": data_fingerprint,
-        "settings": {name: getattr(config, name) for name in IDENTITY_SETTINGS},
+        "settings": settings,
     }
 
 

@@ -35,7 +35,7 @@ def class_weights_arg(value: str) -> str | dict[str, float]:
 def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `classify` (predict) and `train-classifier` (train) to the CLI's subcommands."""
     c = sub.add_parser("classify", help="label texts with a trained classifier run")
-    c.add_argument("run_dir", help="run folder written by train-classifier")
+    c.add_argument("run_dir", help="run folder written by train-classifier, or the Hub id it was pushed to")
     c.add_argument("texts", nargs="*", help="texts to classify (or use --input)")
     c.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of texts to classify")
     c.add_argument("--output", help="JSONL file to write (file mode; default: print JSON lines)")
@@ -47,7 +47,7 @@ def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("train-classifier", help="train LoRA + a classification head on labelled texts")
     t.add_argument("--model", help="model folder or Hub id (decoder or encoder)")
-    t.add_argument("--data", help="JSONL, JSON, CSV or Parquet file with text + label")
+    t.add_argument("--data", help="JSONL, JSON, CSV or Parquet file with text + label, or a Hub data set")
     t.add_argument("--output", help="run folder to write")
     t.add_argument("--eval-data", help="held-out file (default: a stratified --eval-fraction split)")
     t.add_argument("--text-column", help="default: text/sentence/content")

@@ -18,6 +18,7 @@ from qlora_lite.options import (  # noqa: F401 (re-exported: the value parsers l
     for_command,
     modules_arg,
     on_off,
+    pattern_arg,
 )
 
 _PLANNER_GROUP = "planner knobs (unset: the planner chooses and explains)"
@@ -36,7 +37,7 @@ def _add(target: Any, option: Option) -> None:
             kwargs["metavar"] = option.metavar
         if option.default is not None:
             help_text += f" (default: {option.default})"
-    target.add_argument(option.cli_flag, help=help_text, **kwargs)
+    target.add_argument(option.cli_flag, *option.aliases, help=help_text, **kwargs)
 
 
 def add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
@@ -50,8 +51,16 @@ def add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
     options = for_command(command)
     settings = parser.add_argument_group("settings") if command != "plan" else None
     knobs = parser.add_argument_group(_PLANNER_GROUP)
+    peft = parser.add_argument_group("PEFT method (unset: LoRA)")
     for option in options:
-        _add(knobs if option.planner or settings is None else settings, option)
+        _add(
+            peft
+            if option.peft and not option.name.startswith("lora_")
+            else knobs
+            if option.planner or settings is None
+            else settings,
+            option,
+        )
 
 
 # The place flags of the training commands and the recipe keys that fill them.

@@ -66,6 +66,9 @@ def setup_logging(debug: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(
+        sys.argv[1:] if argv is None else argv
+    )  # `train --gpus N` re-launches itself under torchrun
     setup_logging(args.debug)
     handler = COMMANDS[args.command]
     try:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from qlora_lite.cli.flags import add_option_flags, settings_from_args
-from qlora_lite.options import PLAN
+from qlora_lite.config import peft_settings
+from qlora_lite.options import PLAN, planner_settings
 
 LengthsFn = Callable[..., list[int]]
 
@@ -30,9 +31,25 @@ def add_plan_parser(subparsers: Any) -> None:
         "--gpu", "--hardware", dest="gpu", default=None, help="named profile (t4, a100-80gb, cpu, ...)"
     )
     p.add_argument(
-        "--data", default=None, help="training data file: the sequence length follows its token lengths"
+        "--data",
+        default=None,
+        help="training data file or Hub data set org/name: the sequence length follows its token lengths",
     )
     add_option_flags(p, PLAN)
+    # How many processes train together: an input of the plan, not a setting of a run (torchrun decides it).
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes training together (torchrun --nproc_per_node N): the plan is per device",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="shard weights, LoRA and optimizer over the N devices (FSDP-QLoRA, docs/distributed.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -44,13 +61,18 @@ def run_plan(args: argparse.Namespace, lengths_from_data: LengthsFn | None = Non
     from qlora_lite.model.source import resolve_model_source
     from qlora_lite.planner.planning import plan
 
-    fixed = settings_from_args(args, PLAN)
-    model = resolve_model_source(args.model)  # a Hub id: its config.json only, pinned to a commit
+    given = settings_from_args(args, PLAN)
+    fixed = {**planner_settings(given), "peft": peft_settings(given)}
+    fixed.update({k: getattr(args, k) for k in ("world_size", "fsdp") if getattr(args, k, None) is not None})
+    # A Hub id: its config.json only, pinned to a commit.
+    model = resolve_model_source(args.model, given.get("model_revision"))
     lengths = None
     if getattr(args, "data", None):
         from qlora_lite.data.encoding import token_lengths
+        from qlora_lite.data.hub_dataset import pin_data_source
 
-        lengths = (lengths_from_data or token_lengths)(args.data, model)
+        data = pin_data_source(args.data, given.get("data_config"), given.get("data_split"))
+        lengths = (lengths_from_data or token_lengths)(data, model)
     the_plan = plan(model, data=lengths, hardware=getattr(args, "gpu", None), **fixed)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(the_plan.to_dict(), sort_keys=True) + "\n")

@@ -39,6 +39,9 @@ def add_serve_parser(sub: Any) -> None:
     )
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=8, help="requests answered by one generate call")
+    s.add_argument(
+        "--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests"
+    )
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     s.add_argument(
         "--max-tokens", type=int, default=512, help="cap on a request's max_tokens (and its default)"
@@ -69,7 +72,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     limits = Limits(
         max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-        timeout=args.timeout, max_body_bytes=args.max_body_bytes,
+        timeout=args.timeout, max_body_bytes=args.max_body_bytes, batch_wait=args.batch_wait_ms / 1000,
     )  # fmt: skip
     serve(
         args.model, adapters, router=args.router, api_key=args.api_key, host=args.host, port=args.port,

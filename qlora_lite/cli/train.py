@@ -15,9 +15,16 @@ from qlora_lite.options import TRAIN
 def add_parsers(sub: Any) -> None:
     t = sub.add_parser("train", help="train a LoRA adapter on a data file")
     t.add_argument("--model", help="model folder or Hub id")
-    t.add_argument("--data", help="JSONL, JSON, CSV or Parquet file")
+    t.add_argument("--data", help="JSONL, JSON, CSV or Parquet file, or a Hub data set org/name[@REV]")
     t.add_argument("--output", help="run folder to write")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="train on N GPUs of this machine: starts N ranks with torchrun (same as `torchrun "
+        "--nproc_per_node N -m qlora_lite train ...`); see docs/distributed.md",
+    )
     add_option_flags(t, TRAIN)
 
     r = sub.add_parser("resume", help="continue an interrupted run with the settings it started with")
@@ -33,11 +40,18 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_lite.training import distributed
     from qlora_lite.training.api import train
 
     overrides = settings_from_args(args, TRAIN)
+    if args.gpus is not None and args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: give 1 or more")
+    if args.gpus and args.gpus > 1 and not distributed.ranks_from_environment().active:
+        # Notebook users cannot call torchrun around a cell: start it for them, without --gpus.
+        return distributed.launch(args.gpus, distributed.without_flag(args.argv, "--gpus"))
     result = train(args.model, args.data, args.output, progress=not args.no_progress, **overrides)
-    print_result(result)
+    if distributed.ranks_from_environment().is_main:  # one answer per run, not one per rank
+        print_result(result)
     return 0
 
 
@@ -74,7 +88,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     else:
         result = train(saved["model"], saved["data"], str(run_dir), **settings)
-    print_result(result)
+    from qlora_lite.training.distributed import ranks_from_environment
+
+    if ranks_from_environment().is_main:  # under torchrun: one answer, from rank 0
+        print_result(result)
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_lite.data.templates import CHATML, apply_chat_template_choice
 from qlora_lite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+DEFAULT_CHAT_TEMPLATE = CHATML  # used when the tokenizer has none
 
 
 @dataclass(frozen=True)
@@ -49,23 +45,12 @@ class EncodeStats:
     supervised_tokens: int
 
 
-def ensure_chat_template(tokenizer: Any) -> bool:
-    """Give the tokenizer the default ChatML template if it has none (True if set); ensure a pad token."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            log.warning("tokenizer has neither a pad nor an eos token; padding will fail")
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    if tokenizer.unk_token_id in ids or None in ids:
-        log.warning(
-            "tokenizer has no <|im_start|>/<|im_end|> tokens: the default ChatML template is tokenized as text"
-        )
-    log.info("tokenizer has no chat template: using the default ChatML template")
-    return True
+def ensure_chat_template(tokenizer: Any, choice: str | None = None) -> bool:
+    """Give the tokenizer the template `choice` (None: its own, ChatML if it has none; see data.templates)
+    and a pad token. True when the ChatML fallback was set."""
+    had_one = bool(getattr(tokenizer, "chat_template", None))
+    apply_chat_template_choice(tokenizer, choice)
+    return not had_one and not choice
 
 
 def _template(tokenizer: Any) -> str:

@@ -109,6 +109,7 @@ class LabeledData:
     eval: list[tuple[str, Any]]
     fingerprint: str
     n_records: int
+    source: Any = None  # what the records came from (a Hub data set: pinned to its commit)
 
     @property
     def train_ids(self) -> list[int]:
@@ -157,7 +158,10 @@ def _pairs(source: Any, config, where: str) -> tuple[list[dict], Any, list[tuple
 
 def load_labeled_data(config, *, labels: Sequence[Any] | None = None, eval_data: Any = None) -> LabeledData:
     """Load, validate and split; map labels to ids. Raises UserError for every data problem, naming it."""
-    records, spec, pairs = _pairs(config.data, config, "data")
+    from qlora_lite.data.hub_dataset import pin_data_source
+
+    data = pin_data_source(config.data, config.data_config, config.data_split)  # a Hub data set: its commit
+    records, spec, pairs = _pairs(data, config, "data")
     label_col = spec.columns["label"]
     if eval_data is not None:
         eval_records, _, held = _pairs(eval_data, config, "eval data")
@@ -189,7 +193,7 @@ def load_labeled_data(config, *, labels: Sequence[Any] | None = None, eval_data:
             f"eval labels {which} never appear in the training data ({label_col!r}); "
             "add training examples of them or drop them from the eval set"
         )
-    return LabeledData(spec, mapping, train, held, fingerprint, len(records))
+    return LabeledData(spec, mapping, train, held, fingerprint, len(records), data)
 
 
 def resolve_class_weights(spec: Any, mapping: LabelMapping, train_ids: Sequence[int]) -> list[float] | None:

@@ -15,8 +15,16 @@ from qlora_lite.errors import UserError
 
 
 def load_records(source: Any) -> list[dict]:
-    """Read examples from a file path, a `datasets.Dataset`, a pandas DataFrame or a list of dicts."""
-    if isinstance(source, (str, os.PathLike)):
+    """Read examples from a file path, a Hub data set (`org/name[@revision]` or a `HubDataset`), a
+    `datasets.Dataset`, a pandas DataFrame or a list of dicts."""
+    from qlora_lite.data.hub_dataset import HubDataset, hub_dataset, is_hub_dataset_id, load_hub_records
+
+    if is_hub_dataset_id(source):
+        source = hub_dataset(source)
+    if isinstance(source, HubDataset):
+        records, _ = load_hub_records(source)
+        source = records
+    elif isinstance(source, (str, os.PathLike)):
         return _load_file(Path(source))
     if isinstance(source, (list, tuple)):
         records = list(source)
@@ -36,7 +44,7 @@ def load_records(source: Any) -> list[dict]:
     else:
         raise UserError(
             f"cannot read data from a {type(source).__name__}: give a path to a "
-            f"{'/'.join(_READERS)} file, a datasets.Dataset or a list of dicts"
+            f"{'/'.join(_READERS)} file, a Hub data set id (org/name), a datasets.Dataset or a list of dicts"
         )
     for i, row in enumerate(records, start=1):
         if not isinstance(row, Mapping):

@@ -92,7 +92,7 @@ def setting_rows(record: dict) -> list[tuple[str, Any]]:
         if option.card:
             value = plan.get(option.name, hp.get(option.name))
             if value is None:  # e.g. lora_alpha None: the record's "lora" holds what was used
-                value = lora.get(option.name.removeprefix("lora_"), lora.get(option.lora or ""))
+                value = lora.get(option.name.removeprefix("lora_"))
             rows.append((option.card, value))
     return rows
 
@@ -113,16 +113,22 @@ def render_model_card(
     base_id = base_model or base_hub_id(record)
     quant = record.get("quantization") or {}
     plan, data, metrics = record.get("plan") or {}, record.get("data") or {}, record.get("metrics") or {}
-    tags = ["qlora_lite", "peft", "lora"] + (["qlora"] if quant.get("method") in ("nf4", "int8") else [])
+    peft = record.get("peft") or {"method": "lora", "description": "LoRA"}
+    method_tag = {"lora": "dora" if peft.get("lora_method") == "dora" else "lora"}.get(
+        peft.get("method", "lora"), str(peft.get("method", "lora")).replace("_", "-")
+    )
+    tags = ["qlora_lite", "peft", method_tag] + (["qlora"] if quant.get("method") in ("nf4", "int8") else [])
+    classifier = record.get("task") == "classification"
     if base_id:
         tags.append(f"base_model:adapter:{base_id}")
     card_data = ModelCardData(
         base_model=base_id,
         library_name="peft",
-        pipeline_tag="text-generation" if record.get("task", "causal_lm") == "causal_lm" else None,
+        pipeline_tag="text-classification" if classifier else "text-generation",
         tags=tags,
         datasets=datasets or _dataset_ids(record),
-        license=license or record.get("license"),
+        # The base model's license (from its Hub card, recorded at training time): an adapter inherits it.
+        license=license or record.get("license") or (record.get("base_model") or {}).get("license"),
     )
     base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base_name(record)}`"
     if not base_id:
@@ -130,6 +136,7 @@ def render_model_card(
     revision = (record.get("base_model") or {}).get("revision")
     setup = _rows([
         ("base model", base_text + (f" @ `{revision}`" if revision else "")),
+        ("PEFT method", peft.get("description")),
         ("hardware", _hardware_text(record.get("hardware") or {})),
         ("data", f"{data.get('format')} format, {data.get('records')} records ({data.get('train_examples')} "
          f"train / {data.get('eval_examples')} eval), {data.get('truncated_examples', 0)} truncated"),
@@ -155,7 +162,7 @@ def render_model_card(
     body = f"""
 # {repo_id.split("/")[-1]}
 
-A LoRA adapter for {base_text}, trained with qlora_lite.
+A {peft.get("description", "LoRA")} adapter for {base_text}, trained with qlora_lite.
 `run_record.json` in this repo holds the full record of the run (plan, data, metrics, library versions).
 
 ## Training setup
@@ -170,17 +177,27 @@ A LoRA adapter for {base_text}, trained with qlora_lite.
 
 {metric_table}
 {plot}
-## Usage
+{_classifier_usage(repo_id, base_ref) if classifier else _generation_usage(repo_id, base_ref)}"""
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
-With plain PEFT:
+
+def _generation_usage(repo_id: str, base_ref: str) -> str:
+    return f"""## Usage
+
+With plain PEFT (`generation_config.json` holds the stop tokens: the model's EOS and the end of a turn):
 
 ```python
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 base = AutoModelForCausalLM.from_pretrained("{base_ref}")
 model = PeftModel.from_pretrained(base, "{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model.generation_config = GenerationConfig.from_pretrained("{repo_id}")
+chat = tokenizer.apply_chat_template(
+    [{{"role": "user", "content": "Hello!"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+print(tokenizer.decode(model.generate(**chat, max_new_tokens=128)[0, chat["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
 With qlora_lite (loads the base quantized as in training):
@@ -193,4 +210,34 @@ print(generate("Hello!", adapter="{repo_id}"))
 
 or `qlora-lite generate {repo_id} --prompt "Hello!"`.
 """
-    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def _classifier_usage(repo_id: str, base_ref: str) -> str:
+    return f"""## Usage
+
+A text classifier: LoRA plus a trained head (saved through PEFT's `modules_to_save`); `labels.json` holds
+the label names. With plain transformers + PEFT:
+
+```python
+import json
+
+import torch
+from huggingface_hub import hf_hub_download
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+labels = json.load(open(hf_hub_download("{repo_id}", "labels.json")))
+base = AutoModelForSequenceClassification.from_pretrained(
+    "{base_ref}", num_labels=labels["num_labels"], id2label=labels["id2label"], label2id=labels["label2id"],
+    pad_token_id=labels["pad_token_id"],
+)
+model = PeftModel.from_pretrained(base, "{repo_id}").eval()
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+with torch.no_grad():
+    logits = model(**tokenizer(["turn the lights off"], return_tensors="pt")).logits
+print(labels["names"][logits.argmax(-1).item()])
+```
+
+With qlora_lite: `qlora_lite.classify("{repo_id}", ["turn the lights off"])`, or
+`qlora-lite classify {repo_id} "turn the lights off"`.
+"""

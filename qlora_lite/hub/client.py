@@ -222,3 +222,65 @@ def _check_account(who: dict, namespace: str, repo_id: str) -> None:
             f"{who.get('name')!r}, orgs: {', '.join(filter(None, mine[1:])) or 'none'}); "
             f"push to '{who.get('name')}/{repo_id.split('/')[-1]}' instead"
         )
+
+
+# ---------------------------------------------------------------------- reading a model or data set
+
+
+def unreachable(exc: BaseException) -> bool:
+    """No answer from the Hub: a refused/dropped connection, a timeout, or a 5xx."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        return status is not None and status >= 500
+    return is_transient(exc) or isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error, tokens redacted."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return redact(text[:200])
+
+
+def read_error(exc: Exception, what: str, repo_id: str, revision: str | None, token: str | None) -> UserError:
+    """One line for a failure to read `what` ("model" or "data set") `repo_id` from the Hub."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    page = f"{constants.ENDPOINT}/{'datasets/' if what == 'data set' else ''}{repo_id}"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, GatedRepoError):
+        who = "no token is set" if not token else "this token's account has not been granted access"
+        return UserError(
+            f"{what} {repo_id} is gated and {who}: accept its conditions at {page}, then set HF_TOKEN to a "
+            "token of that account (or `hf auth login`, or the Colab secret HF_TOKEN)"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return UserError(
+            f"{what} {repo_id} has no revision {revision!r} (a branch, tag or commit sha) on the Hub"
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        why = "no token is set" if not token else "the token cannot see it"
+        return UserError(
+            f"{what} {repo_id}: no such {what} on the Hub, or it is private and {why}; check the id, or set "
+            "HF_TOKEN to a token that can read it"
+        )
+    if isinstance(exc, HFValidationError):
+        return UserError(f"{what} {repo_id!r} is not a valid Hub id: {first_line(exc)}")
+    if isinstance(exc, HfHubHTTPError) and status == 401:
+        return UserError(
+            f"{what} {repo_id}: the Hub rejected the token (invalid or expired); set HF_TOKEN to a valid token"
+        )
+    if unreachable(exc):
+        return UserError(
+            f"{what} {repo_id}: cannot reach the Hub at {constants.ENDPOINT} ({first_line(exc)}); check the "
+            "network connection"
+        )
+    return UserError(f"{what} {repo_id}: {first_line(exc)}")

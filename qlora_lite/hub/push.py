@@ -28,7 +28,15 @@ from qlora_lite.hub.client import (  # noqa: F401 (HubClient re-exported)
     with_retries,
 )
 from qlora_lite.hub.token import TOKEN_HELP, resolve_token  # noqa: F401 (re-exported)
-from qlora_lite.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_RECORD
+from qlora_lite.run_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFUSION_PLOT,
+    GENERATION_CONFIG,
+    LABELS_FILE,
+    LOSS_PLOT,
+    RUN_RECORD,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,12 @@ TOKENIZER_FILES = (
     "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
     "spiece.model", "sentencepiece.bpe.model",
 )  # fmt: skip
-OPTIONAL_FILES = ("loss.png",)
+OPTIONAL_FILES = (
+    LOSS_PLOT,
+    GENERATION_CONFIG,
+    LABELS_FILE,
+    CONFUSION_PLOT,
+)  # stop tokens; a classifier's labels
 
 # ------------------------------------------------------------------------------------------------ push
 

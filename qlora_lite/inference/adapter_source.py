@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import _base_of, read_run_record
+from qlora_lite.model.loading import base_model_of, read_run_record
 from qlora_lite.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TASKS = {None: "causal_lm", "CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
@@ -39,7 +39,7 @@ class AdapterSource:
         """The base model to load for it: the recorded folder when it exists here, else its Hub id."""
         if self.record is None:  # a plain PEFT folder names its base in its config
             return self.config.get("base_model_name_or_path")
-        return _base_of(self.folder, self.record)
+        return base_model_of(self.folder, self.record)
 
     @property
     def base_identity(self) -> dict[str, Any]:

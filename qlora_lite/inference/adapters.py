@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from qlora_lite.data.encoding import ensure_chat_template
+from qlora_lite.data.templates import stop_strings
 from qlora_lite.errors import UserError
 from qlora_lite.inference.adapter_source import AdapterSource, base_mismatch, has_tokenizer, read_adapter
 from qlora_lite.inference.decoding import Completion, Prompt, TextStream, complete, eos_ids, folder_eos_ids
-from qlora_lite.model.loading import load_base_model, load_tokenizer, resolve_model
+from qlora_lite.model.loading import load_base_model, load_tokenizer
+from qlora_lite.model.source import ModelSource, resolve_model_source
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +72,23 @@ class AdapterSet:
         self.compute_dtype = compute_dtype or plan.get(
             "compute_dtype", "fp32" if accelerator == "cpu" else "bf16"
         )
-        self.base_id = resolve_model(base)
-        self.revision = revision
+        # A Hub base is pinned to a commit: the one asked for, else the one the first adapter was trained on.
+        source = resolve_model_source(base, revision)
+        self.base_id, self.revision = source.name, source.revision
         self._model = load_base_model(
             self.base_id, quantization=self.quantization, double_quant=plan.get("double_quant", True),
-            compute_dtype=self.compute_dtype, accelerator=accelerator, revision=revision,
+            compute_dtype=self.compute_dtype, accelerator=accelerator, revision=self.revision,
         )  # fmt: skip
         self._model.config.use_cache = True  # training turns the KV cache off; generation wants it
         self._model.eval()
         self._peft: Any = None  # the PeftModel, made when the first adapter arrives
-        self.tokenizer = load_tokenizer(self.base_id, revision=revision)
+        self.tokenizer = load_tokenizer(source)
         ensure_chat_template(self.tokenizer)
         self.context_length = int(
             getattr(self._model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         )
         self._eos = eos_ids(self._model, self.tokenizer)
-        self._identity = _identity(self.base_id, revision)
+        self._identity = _identity(source)
         self._adapters: dict[str, _Loaded] = {}
         self._lock = threading.RLock()
         for name, path in adapters.items():
@@ -263,7 +266,17 @@ class AdapterSet:
         )
         return self._complete(prompts, self._rows(adapters, len(prompts)), **options)
 
-    def _complete(self, prompts: list[Prompt], rows: list[str | None], *, seed: int | None, **options: Any):
+    def _stops(self, rows: list[str | None], stop: Sequence[str] | None) -> list[str] | None:
+        """The caller's stop strings plus each row's template end-of-turn when it is several tokens."""
+        found = list(stop or [])
+        for name in dict.fromkeys(rows):
+            found += stop_strings(self.tokenizer_for(name))
+        return list(dict.fromkeys(found)) or None
+
+    def _complete(
+        self, prompts: list[Prompt], rows: list[str | None], *, seed: int | None, stop: Any, **options: Any
+    ) -> list[Completion]:
+        stop = self._stops(rows, stop)
         tokenizers = [self._adapters[n].tokenizer if n else self.tokenizer for n in rows]
         # Any row's end tokens end that row; a batch stops on the union (each adapter's learned end-of-turn).
         eos = list(dict.fromkeys(self._eos + [t for n in rows if n for t in self._adapters[n].eos]))
@@ -271,7 +284,7 @@ class AdapterSet:
             if seed is not None:
                 torch.manual_seed(seed)
             return complete(
-                self.model, tokenizers, prompts, eos=eos, **options, **self._generate_kwargs(rows)
+                self.model, tokenizers, prompts, eos=eos, stop=stop, **options, **self._generate_kwargs(rows)
             )
 
     def stream(
@@ -292,7 +305,7 @@ class AdapterSet:
         rows = self._rows(adapter, 1)
         loaded = self._adapters[rows[0]] if rows[0] else None
         tokenizer = loaded.tokenizer if loaded else self.tokenizer
-        pieces = TextStream(tokenizer, self._eos + (loaded.eos if loaded else []), stop)
+        pieces = TextStream(tokenizer, self._eos + (loaded.eos if loaded else []), self._stops(rows, stop))
         options = dict(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed
         )
@@ -371,10 +384,11 @@ def _check_name(name: str) -> None:
         raise UserError(f"adapter name {name!r} is part of PEFT's weight prefix 'lora_': pick a longer name")
 
 
-def _identity(base_id: str, revision: str | None) -> dict[str, Any]:
+def _identity(source: ModelSource) -> dict[str, Any]:
+    """The base as run records name it (path, revision, config hash, Hub id), to compare adapters with."""
     from qlora_lite.training.record import model_identity
 
-    identity = model_identity(base_id)
-    if revision and not identity.get("revision"):
-        identity["revision"] = revision
+    identity = model_identity(source.name)
+    if source.hub_id:
+        identity.update(hub_id=source.hub_id, revision=source.revision or identity.get("revision"))
     return identity

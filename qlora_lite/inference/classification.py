@@ -11,7 +11,8 @@ import torch
 from qlora_lite.data import labels as cdata
 from qlora_lite.data.labels import ClassifierExample
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import load_classification_base, load_tokenizer, read_run_record, resolve_model
+from qlora_lite.model.loading import base_model_of, load_classification_base, load_tokenizer, read_run_record
+from qlora_lite.model.source import resolve_model_source
 from qlora_lite.run_files import LABELS_FILE
 from qlora_lite.training.record import RUN_RECORD
 from qlora_lite.training.task_classifier import predict_logits
@@ -78,8 +79,9 @@ def load_classifier(
     plan = record.get("plan", {})
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(run_dir))
+    source = resolve_model_source(model or base_model_of(run_dir, record))  # pinned to the recorded commit
     base = load_classification_base(
-        resolve_model(model or record["base_model"]["path"]), quantization=quantization or plan.get("quantization", "nf4"),
+        source.name, revision=source.revision, quantization=quantization or plan.get("quantization", "nf4"),
         double_quant=plan.get("double_quant", True), compute_dtype=compute_dtype or plan.get("compute_dtype", "fp32"),
         accelerator=accelerator, attn_implementation=plan.get("attn_implementation", "sdpa"),
         **mapping.config_kwargs(tokenizer.pad_token_id),

@@ -52,11 +52,13 @@ def folder_eos_ids(folder: str | os.PathLike | None) -> list[int]:
 
 
 def eos_ids(model: Any, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
-    """The model's generation-config end tokens plus `extra` (a run folder's); the tokenizer's EOS if none."""
-    config = getattr(model, "generation_config", None)
-    ids = _as_list(getattr(config, "eos_token_id", None))
-    if not ids and tokenizer.eos_token_id is not None:
-        ids = [tokenizer.eos_token_id]
+    """The model's generation-config end tokens (the tokenizer's EOS if none), the template's end-of-turn, and
+    `extra` (a run folder's)."""
+    from qlora_lite.data.templates import stop_token_ids
+
+    # The config's EOS (else the tokenizer's) plus the chat template's end-of-turn: a model that learned
+    # `<|im_end|>` but whose EOS is `<|endoftext|>` (Qwen2.5 base, the ChatML fallback) stops after its answer.
+    ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     return list(dict.fromkeys([*ids, *extra]))
 
 

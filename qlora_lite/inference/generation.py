@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qlora_lite.data.encoding import ensure_chat_template
+from qlora_lite.data.templates import stop_strings
 from qlora_lite.hub.push import resolve_adapter
 from qlora_lite.inference.decoding import Completion, Prompt, complete, eos_ids, folder_eos_ids
 from qlora_lite.model.loading import load_for_inference
@@ -67,6 +68,7 @@ class Generator:
     ) -> list[Completion]:
         """One batch as `Completion`s (text, token counts, finish reason)."""
         tokenizers = [self.tokenizer] * len(prompts)
+        kwargs.setdefault("stop", stop_strings(self.tokenizer) or None)  # an end-of-turn of several tokens
         return complete(
             self.model, tokenizers, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
             eos=self.eos, **kwargs,
@@ -80,7 +82,7 @@ def generate_batch(
     """One left-padded batch through `model` (any causal LM, e.g. the one being trained)."""
     completions = complete(
         model, [tokenizer] * len(prompts), prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-        eos=eos_ids(model, tokenizer),
+        eos=eos_ids(model, tokenizer), stop=stop_strings(tokenizer) or None,
     )  # fmt: skip
     return [c.text for c in completions]
 

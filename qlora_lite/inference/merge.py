@@ -23,7 +23,8 @@ from qlora_lite.data.encoding import ensure_chat_template, prompt_ids
 from qlora_lite.errors import UserError
 from qlora_lite.inference.adapter_source import AdapterSource, has_tokenizer, read_adapter
 from qlora_lite.inference.decoding import GENERATION_CONFIG, folder_eos_ids
-from qlora_lite.model.loading import DTYPES, load_base_model, load_tokenizer, resolve_model
+from qlora_lite.model.loading import DTYPES, load_base_model, load_tokenizer
+from qlora_lite.model.source import resolve_model_source
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,18 @@ def merge_adapter(
         raise UserError(f"{source.source} is a {source.task} adapter: merge supports causal LM adapters")
     if not (model or source.base):
         raise UserError(f"{source.source} names no base model: pass --model")
-    base = resolve_model(model or source.base)
+    base_source = resolve_model_source(model or source.base)  # a Hub base: pinned to the trained commit
+    base = base_source.name
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: give a new --output folder")
-    tokenizer = load_tokenizer(str(source.folder) if has_tokenizer(source.folder) else base)
+    tokenizer = load_tokenizer(str(source.folder) if has_tokenizer(source.folder) else base_source)
     ensure_chat_template(tokenizer)
     ids = [torch.tensor([prompt_ids(p, tokenizer)]) for p in check_prompts]
     trained = source.quantization or "none"
     plan = source.plan
     settings = dict(
+        revision=base_source.revision,
         double_quant=plan.get("double_quant", True),
         compute_dtype=plan.get("compute_dtype", "fp32"),
         accelerator="cuda" if torch.cuda.is_available() else "cpu",
@@ -102,7 +105,9 @@ def merge_adapter(
         del merged
         gc.collect()
         merged = load_base_model(
-            str(out / ".merged-16bit"), quantization="nf4", **{**settings, "compute_dtype": "fp32"}
+            str(out / ".merged-16bit"),
+            quantization="nf4",
+            **{**settings, "compute_dtype": "fp32", "revision": None},
         )
         requant_diff = max(
             float((a.float() - b.float()).abs().max())

@@ -62,7 +62,7 @@ class Router:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_samples(
-        cls, samples: Mapping[str, Sequence[str]], *, threshold: float = 0.05, margin: float = 0.01
+        cls, samples: Mapping[str, Sequence[str]], *, threshold: float = 0.1, margin: float = 0.01
     ) -> Router:
         """A centroid router from example requests per adapter."""
         empty = [name for name, texts in samples.items() if not texts]
@@ -85,6 +85,7 @@ class Router:
         return cls(
             "centroid", threshold=threshold, margin=margin, centroids=centroids,
             idf={t: round(v, 5) for t, v in idf.items() if t in kept},
+            unseen_idf=round(math.log(1 + len(docs)) + 1.0, 5),
         )  # fmt: skip
 
     @classmethod
@@ -150,8 +151,10 @@ class Router:
 
     def _scores(self, text: str) -> dict[str, float]:
         if self.kind == "centroid":
-            idf = self.state["idf"]
-            vector = _normalise({t: c * idf[t] for t, c in terms(text).items() if t in idf})
+            idf, unseen = self.state["idf"], self.state["unseen_idf"]
+            # Words no adapter's prompts hold count as the rarest words: they dilute the match, so a request
+            # that shares one instruction word ("write") with a domain and nothing else scores low.
+            vector = _normalise({t: c * idf.get(t, unseen) for t, c in terms(text).items()})
             return {
                 name: sum(w * centroid.get(t, 0.0) for t, w in vector.items())
                 for name, centroid in self.state["centroids"].items()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,9 @@ import torch
 
 from qlora_lite.compat import keep_4bit_weights_differentiable
 from qlora_lite.errors import UserError
-from qlora_lite.run_files import RUN_RECORD
+from qlora_lite.model.peft_methods import PeftSettings, module_targets
+from qlora_lite.model.source import ModelSource, resolve_model_source
+from qlora_lite.run_files import GENERATION_CONFIG, RUN_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +23,7 @@ QUANTIZATIONS = ("nf4", "int8", "none")
 CLASSIFIER_HEADS = ("score", "classifier")  # the head of decoder / encoder *ForSequenceClassification models
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    alpha: int | None = None  # None: 2 * r, the common choice
-    dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "all-linear"
-    # Further peft.LoraConfig keywords, from the options declared with `lora=` (qlora_lite.options).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def lora_alpha(self) -> int:
-        return self.alpha if self.alpha is not None else 2 * self.r
+LoraSettings = PeftSettings  # the name before the PEFT-method registry (keywords unchanged)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -44,24 +34,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model(model: str | os.PathLike) -> str:
-    """A local folder with config.json, or a Hub id (only reachable when the user is online)."""
-    text = str(model)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model folder {path} has no config.json: point --model at a Hugging Face model folder"
-            )
-        return str(path)
-    # A Hub id is "name" or "owner/name"; anything else that is not a folder is a path that does not exist.
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1
-    if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(
-            f"model {text!r} not found: it is not a local folder"
-            + (" (and HF_HUB_OFFLINE=1 forbids the Hub)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
-            + "; give a folder holding config.json or a Hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
-        )
-    return text
+    """A local folder with config.json, or a Hub id (checked on the Hub, config.json fetched): what
+    `from_pretrained` takes. `resolve_model_source` also gives the commit to pin."""
+    return resolve_model_source(model).name
 
 
 def quantization_config(quantization: str, double_quant: bool, compute_dtype: str):
@@ -131,10 +106,21 @@ def load_base_model(
 
 
 def attach_lora(
-    model, lora: LoraSettings, *, gradient_checkpointing: bool, task: str = "causal_lm", **lora_extra: Any
+    model,
+    settings: PeftSettings,
+    *,
+    gradient_checkpointing: bool,
+    task: str = "causal_lm",
+    model_path: str | None = None,
+    quantization: str = "nf4",
+    modules_to_save: list[str] | None = None,
 ):
-    """Freeze the base, prepare k-bit weights, and add trainable LoRA matrices (all linear layers by default)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Freeze the base, prepare k-bit weights, and attach the PEFT method of `settings` (LoRA by default).
+
+    PiSSA/LoftQ on a 4-bit base read the original weights from `model_path` (see model/peft_init.py)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from qlora_lite.model.peft_init import apply_own_init, initial_adapter, peft_init_value
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     gc_kwargs = {"use_reentrant": False}
@@ -149,20 +135,27 @@ def attach_lora(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
     keep_4bit_weights_differentiable(model)  # an upstream bug: see qlora_lite.compat
-    targets = lora.target_modules
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets if isinstance(targets, str) else list(targets),
+    method = settings.entry
+    targets = module_targets(model, settings.target_modules) if method.uses_lora_targets else None
+    config = method.peft_config(
+        settings,
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-        **lora.extra,
-        **lora_extra,
+        targets=targets,
+        modules_to_save=modules_to_save,
     )
+    if method.peft_type == "LORA":
+        config.init_lora_weights = peft_init_value(settings, quantized)
     try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise UserError(f"LoRA target modules {targets!r} do not match this model: {exc}") from exc
+        peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:
+        raise UserError(
+            f"{settings.describe()} cannot be attached to this model (targets {targets!r}): {exc}"
+        ) from exc
+    if method.peft_type == "LORA":
+        apply_own_init(peft_model, settings, model_path or "", quantization if quantized else "none")
+    # PiSSA/OLoRA changed the base: keep the initial adapter to save a plain LoRA on the original base.
+    peft_model.qlora_lite_initial_adapter = initial_adapter(peft_model, settings)
+    return peft_model
 
 
 def load_classification_base(
@@ -173,11 +166,13 @@ def load_classification_base(
     compute_dtype: str,
     accelerator: str,
     attn_implementation: str | None = "sdpa",
+    revision: str | None = None,
     **config_kwargs: Any,
 ):
     """`load_base_model` for a classifier (the head stays out of 4/8-bit there)."""
     return load_base_model(
         model_path,
+        revision=revision,
         quantization=quantization,
         double_quant=double_quant,
         compute_dtype=compute_dtype,
@@ -188,15 +183,16 @@ def load_classification_base(
     )
 
 
-def load_tokenizer(model_path: str, revision: str | None = None):
+def load_tokenizer(model: str | ModelSource, revision: str | None = None):
+    """The tokenizer of a folder, a Hub id (at `revision`) or a resolved `ModelSource` (at its commit)."""
     from transformers import AutoTokenizer
 
+    if isinstance(model, ModelSource):
+        model, revision = model.name, revision or model.revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except OSError as exc:
-        raise UserError(
-            f"could not load the tokenizer of {model_path!r}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise UserError(f"could not load the tokenizer of {model!r}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -209,18 +205,21 @@ def read_run_record(path: str | os.PathLike) -> dict | None:
     return None
 
 
-def _base_of(adapter, record: dict | None) -> str | None:
-    """The base model of an adapter: the recorded path when it exists here, else its Hub id."""
+def base_model_of(adapter, record: dict | None) -> str | None:
+    """The base model of an adapter: the recorded path when it exists here, else its Hub id pinned to the
+    recorded commit (`org/name@sha`)."""
     if record is None:
         return None
-    path = record.get("base_model", {}).get("path")
+    base = record.get("base_model", {})
+    path = base.get("path")
     if path and Path(path).is_dir():
         return path
     from qlora_lite.hub.card import base_hub_id
 
     hub_id = base_hub_id(record)
     if hub_id:
-        return hub_id
+        revision = base.get("revision") or ""
+        return f"{hub_id}@{revision}" if revision and not revision.startswith("local-") else hub_id
     config = Path(adapter) / "adapter_config.json"
     if config.is_file():
         return json.loads(config.read_text()).get("base_model_name_or_path") or path
@@ -250,24 +249,35 @@ def load_for_inference(
         raise UserError(
             f"adapter folder {adapter} not found: give a run folder written by `qlora-lite train`"
         )
-    base = model or _base_of(adapter, record)
+    base = model or base_model_of(adapter, record)
     if base is None:
         raise UserError(f"{adapter}: no run_record.json names the base model; pass --model too")
     plan = (record or {}).get("plan", {})
     accelerator = accelerator or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = resolve_model_source(base)
     base_model = load_base_model(
-        resolve_model(base),
+        source.name,
+        revision=source.revision,
         quantization=quantization or plan.get("quantization", "nf4"),
         double_quant=plan.get("double_quant", True),
         compute_dtype=compute_dtype or plan.get("compute_dtype", "fp32" if accelerator == "cpu" else "bf16"),
         accelerator=accelerator,
         task=(record or {}).get("task", "causal_lm"),
     )
-    tokenizer = load_tokenizer(str(adapter) if record else resolve_model(base))
+    tokenizer = load_tokenizer(str(adapter) if record else source)
     if adapter is not None:
         from peft import PeftModel
 
+        config = Path(adapter) / "adapter_config.json"
+        if config.is_file() and json.loads(config.read_text()).get("use_dora"):
+            keep_4bit_weights_differentiable(
+                base_model
+            )  # DoRA norms of repacked bytes: see qlora_lite.compat
         base_model = PeftModel.from_pretrained(base_model, str(adapter))
+        if (Path(adapter) / GENERATION_CONFIG).is_file():  # the run's stop tokens (see data.templates)
+            from transformers import GenerationConfig
+
+            base_model.generation_config = GenerationConfig.from_pretrained(str(adapter))
     base_model.config.use_cache = True  # training turns the KV cache off; generation wants it
     base_model.eval()
     return base_model, tokenizer

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_lite.errors import UserError
+from qlora_lite.hub.client import first_line, read_error, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,14 @@ def _from_hub(hub_id: str, revision: str | None, token: str | None) -> ModelSour
     except UserError:
         raise
     except Exception as exc:
-        if not _unreachable(exc):
-            raise _hub_model_error(exc, hub_id, revision, token) from None
+        if not unreachable(exc):
+            raise read_error(exc, "model", hub_id, revision, token) from None
         cached = _cached(hub_id, revision)
         if cached is not None:
-            log.warning(
-                "the Hub is unreachable (%s): using %s from the local cache", _first_line(exc), hub_id
-            )
+            log.warning("the Hub is unreachable (%s): using %s from the local cache", first_line(exc), hub_id)
             return cached
         raise UserError(
-            f"model {hub_id}: cannot reach the Hub at {constants.ENDPOINT} ({_first_line(exc)}); check the "
+            f"model {hub_id}: cannot reach the Hub at {constants.ENDPOINT} ({first_line(exc)}); check the "
             "network connection, or give a local folder"
         ) from None
 
@@ -174,61 +173,6 @@ def _no_config(hub_id: str, files: set[str], info) -> str:
         f"model {hub_id} on the Hub has no config.json, so it is not a transformers model{hint}; "
         "give the id of a transformers model repo"
     )
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """No answer from the Hub: a refused/dropped connection, a timeout, or a 5xx."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from qlora_lite.hub.client import is_transient
-
-    if isinstance(exc, HfHubHTTPError):
-        status = getattr(exc.response, "status_code", None)
-        return status is not None and status >= 500
-    return is_transient(exc) or isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
-
-
-def _hub_model_error(exc: Exception, hub_id: str, revision: str | None, token: str | None) -> UserError:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, GatedRepoError):
-        who = "no token is set" if not token else "this token's account has not been granted access"
-        return UserError(
-            f"model {hub_id} is gated and {who}: accept its conditions at {constants.ENDPOINT}/{hub_id}, then "
-            "set HF_TOKEN to a token of that account (or `hf auth login`, or the Colab secret HF_TOKEN)"
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return UserError(
-            f"model {hub_id} has no revision {revision!r} (a branch, tag or commit sha) on the Hub"
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        why = "no token is set" if not token else "the token cannot see it"
-        return UserError(
-            f"model {hub_id}: no such model on the Hub, or it is private and {why}; check the id, or set "
-            "HF_TOKEN to a token that can read it"
-        )
-    if isinstance(exc, HFValidationError):
-        return UserError(f"model {hub_id!r} is not a valid Hub id: {_first_line(exc)}")
-    if isinstance(exc, HfHubHTTPError) and status == 401:
-        return UserError(
-            f"model {hub_id}: the Hub rejected the token (invalid or expired); set HF_TOKEN to a valid token"
-        )
-    return UserError(f"model {hub_id}: {_first_line(exc)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    from qlora_lite.hub.token import redact
-
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return redact(text[:200])
 
 
 def read_config(source: ModelSource) -> dict:

@@ -58,14 +58,41 @@ def choose_seq_len(lengths: Sequence[int] | None, limit: int | None) -> tuple[in
     return value, truncated, why
 
 
-def step_seconds(shape: ModelShape, hw: HardwareProfile, tokens: int, gc: bool, task: str) -> float:
+def step_seconds(
+    shape: ModelShape, hw: HardwareProfile, tokens: int, gc: bool, task: str, world_size: int = 1
+) -> float:
+    """Seconds of one optimizer step of `tokens` tokens spread over `world_size` devices.
+
+    Only the devices the run actually uses count: a machine with 8 GPUs runs a one-process run on one of
+    them. CPU ranks share the host's cores, so more CPU processes are no faster.
+    """
     params = count_parameters(shape, task=task)["total"]
     flops = (6 if gc else 4) * params * tokens  # forward 2N + backward 2N (input grads only) [+ recompute 2N]
+    return flops / _flops_rate(hw, world_size)
+
+
+def _flops_rate(hw: HardwareProfile, world_size: int = 1) -> float:
     if hw.accelerator == "cuda" and hw.gpus:
-        rate = _GPU_FLOPS.get(tuple(hw.gpus[0].compute_capability), 40e12) * len(hw.gpus)
-    else:
-        rate = _CPU_FLOPS_PER_CORE * max(1, hw.cpu_count)
-    return flops / rate
+        return _GPU_FLOPS.get(tuple(hw.gpus[0].compute_capability), 40e12) * max(1, world_size)
+    return _CPU_FLOPS_PER_CORE * max(1, hw.cpu_count)
+
+
+def peft_method_cost(
+    hw: HardwareProfile, est, forwards: int, step_s: float, gc: bool
+) -> tuple[float, float, str]:  # noqa: ANN001
+    """(extra seconds per step, one-off seconds at start, why) of the PEFT method: DoRA's per-forward
+    weight norms, the SVD/QR of PiSSA/OLoRA/LoftQ (decompositions run ~10x below matmul speed)."""
+    cost = est.cost
+    extra = cost.fixed_flops_per_forward * forwards * (2 if gc else 1) / _flops_rate(hw)
+    init = cost.init_flops / (_flops_rate(hw) / 10)
+    parts = [f"{format_bytes(est.breakdown['lora_params'])} trainable weights"]
+    if extra:
+        parts.append(f"step ~{(step_s + extra) / max(step_s, 1e-9):.1f}x plain LoRA's (+{extra:.2f} s)")
+    if est.breakdown.get("peft_transient"):
+        parts.append(f"+{format_bytes(est.breakdown['peft_transient'])} transient (largest layer)")
+    if init:
+        parts.append(f"~{init:.0f} s at start (+{format_bytes(cost.init_bytes)} while decomposing)")
+    return extra, init, "; ".join(parts + list(cost.notes))
 
 
 def checkpoint_interval(step_s: float, state_bytes: int, hw: HardwareProfile) -> tuple[int, str]:
@@ -137,7 +164,9 @@ def explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effec
             else f"{mb}: fastest choice found ({format_bytes(peak)} {of})"
         )
     else:
-        reasons["micro_batch_size"] = f"{mb} = the effective batch {effective}: no accumulation needed"
+        reasons["micro_batch_size"] = (
+            f"{mb} = the examples per device per step ({effective}): no accumulation needed"
+        )
     if opt == "adamw_torch":
         reasons["optimizer"] = (
             f"AdamW fp32 states are small here ({format_bytes(est.breakdown['optimizer_states'])})"

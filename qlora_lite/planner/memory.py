@@ -27,11 +27,13 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import CostTerms, PeftSettings
+from qlora_lite.model.peft_methods import shape_targets as lora_targets  # noqa: F401 (re-exported)
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 COMPUTE_DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -105,6 +107,7 @@ class MemoryEstimate:
     breakdown: dict[str, int] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    cost: CostTerms | None = None  # the PEFT method's own terms (init work, fixed per-forward work)
 
 
 def load_config(config: Any) -> tuple[dict, str]:
@@ -275,29 +278,6 @@ def count_parameters(
     return counts
 
 
-def lora_targets(shape: ModelShape, target_modules: str | Sequence[str]) -> tuple[LinearLayer, ...]:
-    """The per-layer Linear layers LoRA attaches to ('all-linear': all of them, never lm_head)."""
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        return shape.layer_linears
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    chosen = [
-        layer
-        for layer in shape.layer_linears
-        if any(layer.name.split(".")[-1] == n or layer.name == n for n in names)
-    ]
-    unknown = [
-        n
-        for n in names
-        if not any(layer.name.split(".")[-1] == n or layer.name == n for layer in shape.layer_linears)
-    ]
-    if unknown:
-        known = ", ".join(layer.name for layer in shape.layer_linears)
-        raise UserError(
-            f"LoRA target modules {', '.join(unknown)} are not in this model ({shape.model_type}: {known})"
-        )
-    return tuple(chosen)
-
-
 def _check(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise UserError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
@@ -337,19 +317,32 @@ def estimate_memory(
     task: str = "causal_lm",
     num_labels: int | None = None,
     lora_dropout: float = 0.05,
+    peft: PeftSettings | dict | None = None,
+    world_size: int = 1,
+    fsdp: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes of one LoRA/QLoRA training step, by component. Pure: reads only the config."""
+    """Peak bytes of one LoRA/QLoRA training step on one device, by component. Pure: reads only the config.
+
+    `world_size` > 1 is data parallel (each device holds a replica, plus a gradient bucket for the sum);
+    with `fsdp` the weights, LoRA, gradients and optimizer states are sharded over the devices instead.
+    """
     _check("quantization", quantization, QUANTIZATIONS)
     _check("compute_dtype", compute_dtype, tuple(COMPUTE_DTYPES))
     _check("optimizer", optimizer, tuple(OPTIMIZER_STATE_BYTES))
     _check("attn_implementation", attn_implementation, ATTENTION)
     _check("task", task, TASKS)
-    if micro_batch_size < 1 or seq_len < 1 or lora_r < 1:
-        raise UserError("micro_batch_size, seq_len and lora_r must be positive integers")
+    if micro_batch_size < 1 or seq_len < 1 or lora_r < 1 or world_size < 1:
+        raise UserError("micro_batch_size, seq_len, lora_r and world_size must be positive integers")
     shape = config if isinstance(config, ModelShape) else model_shape(config)
     counts = count_parameters(shape, task=task, num_labels=num_labels)
     dbytes = COMPUTE_DTYPES[compute_dtype]
     quantized = quantization != "none"
+    settings = peft if isinstance(peft, PeftSettings) else PeftSettings.from_record(peft)
+    settings = replace(settings, r=lora_r, target_modules=lora_target_modules, dropout=lora_dropout)
+    method = settings.entry
+    targets = lora_targets(shape, lora_target_modules) if method.uses_lora_targets else ()
+    cost = method.costs(shape, settings, targets, dbytes)
+    seq_len += cost.virtual_tokens  # prompt tuning: every sequence is longer by its virtual tokens
     tokens = micro_batch_size * seq_len
     h, n = shape.hidden_size, shape.num_layers
     notes: list[str] = []
@@ -365,14 +358,14 @@ def estimate_memory(
     else:
         weights, quant_state = linear * dbytes, 0
     other = counts["embeddings"] + counts["lm_head"] + counts["norms"] + counts["biases"]
-    other_bytes = other * (4 if quantized else dbytes)
+    # FSDP-QLoRA keeps the non-quantized weights in the storage (compute) dtype so they shard with the rest.
+    other_bytes = other * (4 if quantized and not fsdp else dbytes)
 
-    targets = lora_targets(shape, lora_target_modules)
-    lora = n * lora_r * sum(layer.in_features + layer.out_features for layer in targets)
+    lora = cost.trainable_params
     trainable = lora + counts["head"] * (2 if task == "classification" else 1)  # modules_to_save keeps a copy
     optimizer_bytes = (lora + counts["head"]) * OPTIMIZER_STATE_BYTES[optimizer]
 
-    layer_act = _layer_activation(shape, dbytes, targets, lora_dropout)
+    layer_act = _layer_activation(shape, dbytes, targets, lora_dropout) + cost.activation_per_token_layer
     if attn_implementation == "eager":
         # Softmax output (fp32) per head, plus its 16-bit copy under autocast; and the s x s mask.
         layer_act += shape.num_heads * seq_len * (4 if dbytes == 4 else 6)
@@ -403,7 +396,13 @@ def estimate_memory(
         "activations": int(activations),
         "head" if task == "classification" else "logits_loss": int(logits),
         "cuda_context": CUDA_OVERHEAD_BYTES if device == "cuda" else 0,
+        "peft_transient": int(cost.transient_bytes),
     }
+    # PiSSA/OLoRA/LoftQ decompose each matrix once at start: that peak counts only if above a step's.
+    breakdown["peft_init_excess"] = int(max(0, cost.init_bytes - activations - logits - cost.transient_bytes))
+    notes += cost.notes
+    if world_size > 1:
+        _spread(breakdown, shape, targets, lora_r, weights, dbytes, world_size, fsdp)
     if device == "cpu" and dbytes == 2:
         notes.append("16-bit compute on CPU is about 2x slower than fp32 here")
     return MemoryEstimate(
@@ -411,4 +410,25 @@ def estimate_memory(
         breakdown=breakdown,
         params={**counts, "lora": lora},
         notes=tuple(notes),
+        cost=cost,
     )
+
+
+GRADIENT_BUCKET_BYTES = 32 * 1024 * 1024  # training/distributed.py sums gradients in buckets of this size
+
+
+def _spread(breakdown, shape, targets, lora_r, weights, dbytes, world_size, fsdp) -> None:  # noqa: ANN001
+    """Per-device bytes with several devices (in place).
+
+    Data parallel: a full replica per device plus one flat gradient bucket for the all-reduce. FSDP: weights
+    (4-bit storage in the compute dtype), LoRA, its gradients and optimizer states are split over the
+    devices; the quantization state stays whole on each; two blocks (the running one and the prefetched
+    next) are gathered whole at a time; activations, logits and the CUDA context are per device as before.
+    """
+    if not fsdp:
+        breakdown["gradient_sync"] = min(breakdown["lora_grads"], GRADIENT_BUCKET_BYTES)
+        return
+    for key in ("base_linear_weights", "other_params", "lora_params", "lora_grads", "optimizer_states"):
+        breakdown[key] = math.ceil(breakdown[key] / world_size)
+    block_lora = lora_r * sum(layer.in_features + layer.out_features for layer in targets)
+    breakdown["fsdp_gathered_blocks"] = int(2 * (weights / shape.num_layers + block_lora * dbytes))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.options import BY_NAME, PLANNER_KNOBS, problems
 from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-exported)
     DEFAULT_SEQ_LEN,
@@ -21,6 +22,7 @@ from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-export
     choose_seq_len,
     explain_choices,
     nearest_fit,
+    peft_method_cost,
     relative_speed,
     step_seconds,
 )
@@ -37,9 +39,11 @@ DEFAULT_EFFECTIVE_BATCH = 16
 # Fraction of usable memory a plan may fill: the allocator fragments on CUDA; the estimate is +-5% on CPU.
 HEADROOM = {"cuda": 0.95, "cpu": 0.90, "mps": 0.85}
 
-# The knobs plan() accepts: the options declared `planner=True`, plus what the task brings.
-TASK_KNOBS = {"task": TASKS, "num_labels": int}
-KNOBS = (*PLANNER_KNOBS, *TASK_KNOBS)
+# The knobs plan() accepts: the options declared `planner=True` (qlora_lite.options), plus inputs that are not
+# options themselves: the task's head, the PEFT method (a PeftSettings made from the PEFT options), and how
+# many processes train together (torchrun decides it).
+INPUT_KNOBS = ("task", "num_labels", "peft", "world_size", "fsdp")
+KNOBS = (*PLANNER_KNOBS, *INPUT_KNOBS)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class Plan:
     nearest_fit: dict[str, Any] | None = None
     message: str = ""
     num_labels: int | None = None
+    peft: dict[str, Any] = field(default_factory=lambda: PeftSettings().to_record())
+    estimated_init_seconds: float = 0.0
+    world_size: int = 1
+    fsdp: bool = False
     shape: ModelShape | None = field(default=None, repr=False, compare=False)
 
     def _estimate(self, **changes: Any):
@@ -93,10 +101,13 @@ class Plan:
             device="cuda" if self.accelerator == "cuda" else "cpu",
             task=self.task,
             num_labels=self.num_labels,
+            peft=self.peft,
+            world_size=self.world_size,
+            fsdp=self.fsdp,
         )
 
     def with_micro_batch(self, n: int) -> Plan:
-        """The same plan at micro-batch `n` (OOM backoff): accumulation = ceil(effective / n)."""
+        """The same plan at micro-batch `n` (OOM backoff): accumulation = ceil(per-device examples / n)."""
         if n < 1:
             raise ValueError("micro-batch size must be >= 1")
         estimate = self._estimate(micro_batch_size=n) if self.shape is not None else None
@@ -104,7 +115,7 @@ class Plan:
         return replace(
             self,
             micro_batch_size=n,
-            gradient_accumulation_steps=math.ceil(self.effective_batch_size / n),
+            gradient_accumulation_steps=math.ceil(math.ceil(self.effective_batch_size / self.world_size) / n),
             peak_memory_bytes=peak,
             breakdown=dict(estimate.breakdown) if estimate else self.breakdown,
             fits=peak <= self.usable_memory_bytes,
@@ -116,7 +127,7 @@ class Plan:
             "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
             "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
             "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
-            "estimated_step_seconds reasons fixed nearest_fit message accelerator"
+            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft"
         ).split()
         data = {key: getattr(self, key) for key in keys}
         data["hardware"] = self.hardware_name
@@ -149,9 +160,15 @@ class Plan:
             ("micro_batch_size", str(self.micro_batch_size)),
             ("gradient_accumulation_steps", str(self.gradient_accumulation_steps)),
             ("effective_batch_size", str(self.effective_batch_size)),
+            *(
+                [("world_size", f"{self.world_size}" + (" (FSDP)" if self.fsdp else ""))]
+                if self.world_size > 1
+                else []
+            ),
             ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
             ("optimizer", self.optimizer),
             ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
+            ("peft_method", self.peft.get("description", self.peft.get("method", "lora"))),
         ]
         width = max(len(name) for name, _ in rows)
         vwidth = max(len(value) for _, value in rows)
@@ -172,6 +189,10 @@ class Plan:
         return "\n".join(lines)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _validate(fixed: dict[str, Any]) -> None:
     for key in fixed:
         if key not in KNOBS:
@@ -179,9 +200,11 @@ def _validate(fixed: dict[str, Any]) -> None:
     problem = problems({k: v for k, v in fixed.items() if k in BY_NAME})
     if fixed.get("task", "causal_lm") not in TASKS:
         problem.append(f"task must be one of {', '.join(TASKS)} (got {fixed['task']!r})")
-    labels = fixed.get("num_labels")
-    if labels is not None and (isinstance(labels, bool) or not isinstance(labels, int) or labels < 1):
-        problem.append(f"num_labels must be a positive integer (got {labels!r})")
+    for key in ("num_labels", "world_size"):
+        if fixed.get(key) is not None and not _positive_int(fixed[key]):
+            problem.append(f"{key} must be a positive integer (got {fixed[key]!r})")
+    if fixed.get("fsdp") not in (None, True, False):
+        problem.append(f"fsdp must be True or False (got {fixed['fsdp']!r})")
     if problem:
         raise UserError("; ".join(problem))
 
@@ -200,6 +223,7 @@ def plan(
 def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile, **fixed: Any) -> Plan:
     """`plan()` for a resolved hardware profile: reads the model's config.json, touches nothing else."""
     _validate(fixed)
+    peft = PeftSettings.checked(fixed.get("peft"))
     shape = (
         model
         if isinstance(model, ModelShape)
@@ -217,6 +241,7 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
     target = int(usable * HEADROOM.get(hw.accelerator, 0.9))
     reasons: dict[str, str] = {}
     task = fixed.get("task", "causal_lm")
+    world_size, fsdp = fixed.get("world_size", 1), fixed.get("fsdp", False)
 
     quantization = fixed.get("quantization", "nf4")
     reasons["quantization"] = (
@@ -250,8 +275,9 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
             raise UserError(
                 f"effective batch {effective} != micro-batch {mb_fixed} x accumulation {ga_fixed}: fix at most two"
             )
-        effective = mb_fixed * ga_fixed
-    effective = effective or (mb_fixed * ga_fixed if mb_fixed and ga_fixed else DEFAULT_EFFECTIVE_BATCH)
+        effective = mb_fixed * ga_fixed * world_size
+    effective = effective or DEFAULT_EFFECTIVE_BATCH
+    per_device = math.ceil(effective / world_size)  # each step's examples are split over the processes
 
     base = dict(
         quantization=quantization,
@@ -263,14 +289,23 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         device=device,
         task=task,
         num_labels=fixed.get("num_labels"),
+        peft=peft,
+        world_size=world_size,
+        fsdp=fsdp,
     )
+
+    method_cost = estimate_memory(shape, **base, micro_batch_size=1, seq_len=seq).cost
+    if not method_cost.gradient_checkpointing and fixed.get("gradient_checkpointing"):
+        raise UserError(
+            f"{peft.describe()} cannot run with gradient checkpointing: drop --gradient-checkpointing on"
+        )
 
     def micro_batches(free_all: bool) -> list[int]:
         if mb_fixed and not free_all:
             return [mb_fixed]
-        top = effective
+        top = per_device
         if ga_fixed and not free_all:
-            top = max(1, effective // ga_fixed)
+            top = max(1, per_device // ga_fixed)
         # Every size, not just powers of two: the loop runs a step's examples as micro-batches of any size
         # (e.g. 8 as 3+3+2) with the same update, so the largest size that fits can be used.
         return list(range(1, top + 1))
@@ -281,6 +316,8 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
             if "gradient_checkpointing" in fixed and not free_all
             else [False, True]
         )
+        if not method_cost.gradient_checkpointing:
+            gcs = [False]  # e.g. prefix tuning: PEFT refuses checkpointing
         if "optimizer" in fixed and not free_all:
             optimizers = [fixed["optimizer"]]
         else:
@@ -315,17 +352,17 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
     else:
         knobs = dict(
             micro_batch_size=mb_fixed or 1,
-            gradient_checkpointing=fixed.get("gradient_checkpointing", True),
+            gradient_checkpointing=fixed.get("gradient_checkpointing", method_cost.gradient_checkpointing),
             optimizer=fixed.get("optimizer", "paged_adamw_8bit" if device == "cuda" else "adamw_torch"),
         )
         est = estimate_memory(shape, **base, seq_len=seq, **knobs)
-        nearest = nearest_fit(search, seq, effective)
+        nearest = nearest_fit(search, seq, per_device)
         smallest = estimate_memory(
             shape,
             **base,
             micro_batch_size=1,
             seq_len=seq,
-            gradient_checkpointing=True,
+            gradient_checkpointing=method_cost.gradient_checkpointing,
             optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
         ).peak_bytes
         message = (
@@ -335,15 +372,16 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
             f" of usable memory."
         )
     mb = knobs["micro_batch_size"]
-    accumulation = ga_fixed if ga_fixed and mb_fixed else math.ceil(effective / mb)
-    if effective % mb:
+    accumulation = ga_fixed if ga_fixed and mb_fixed else math.ceil(per_device / mb)
+    ranks = f" x {world_size} processes" if world_size > 1 else ""
+    if per_device % mb:
         reasons["gradient_accumulation_steps"] = (
-            f"effective batch {effective} is not a multiple of micro-batch {mb}: each step still takes "
-            f"{effective} examples, as {accumulation} micro-batches ({mb} x {accumulation - 1} + {effective - mb * (accumulation - 1)})"
+            f"effective batch {effective} is not a multiple of micro-batch {mb}{ranks}: each step still takes "
+            f"{effective} examples, as {accumulation} micro-batches per device ({mb} x {accumulation - 1} + {per_device - mb * (accumulation - 1)})"
         )
     else:
         reasons["gradient_accumulation_steps"] = (
-            f"{mb} x {accumulation} keeps the effective batch at {effective}"
+            f"{mb} x {accumulation}{ranks} keeps the effective batch at {effective}"
         )
     if "effective_batch_size" in fixed:
         reasons["effective_batch_size"] = ""  # explain() already says "fixed by you"
@@ -351,12 +389,18 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         reasons["effective_batch_size"] = f"your micro-batch {mb_fixed} x accumulation {ga_fixed}"
     else:
         reasons["effective_batch_size"] = f"default {effective}"
-    explain_choices(reasons, shape, base, seq, knobs, est, target, usable, effective)
+    explain_choices(reasons, shape, base, seq, knobs, est, target, usable, per_device)
 
-    step_s = step_seconds(shape, hw, mb * accumulation * seq, knobs["gradient_checkpointing"], task)
+    step_s = step_seconds(
+        shape, hw, mb * accumulation * seq * world_size, knobs["gradient_checkpointing"], task, world_size
+    )
+    extra_s, init_s, reasons["peft_method"] = peft_method_cost(
+        hw, est, accumulation, step_s, knobs["gradient_checkpointing"]
+    )
+    step_s += extra_s
     state_bytes = est.breakdown["lora_params"] + est.breakdown["optimizer_states"]
     interval, reasons["checkpoint_every_seconds"] = checkpoint_interval(step_s, state_bytes, hw)
-    names = tuple(k for k in fixed if k != "max_memory")
+    names = tuple(k for k in fixed if k not in ("max_memory", "world_size", "peft"))
     return Plan(
         hardware_name=hw.name,
         accelerator=hw.accelerator,
@@ -388,5 +432,9 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         nearest_fit=nearest,
         message=message,
         num_labels=base["num_labels"],
+        peft=replace(peft, r=base["lora_r"], target_modules=base["lora_target_modules"]).to_record(),
+        estimated_init_seconds=round(init_s, 3),
+        world_size=world_size,
+        fsdp=fsdp,
         shape=shape,
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from qlora_lite.config import TrainConfig, make_config
 from qlora_lite.data import formats as data_mod
+from qlora_lite.data.hub_dataset import pin_data_source
 from qlora_lite.errors import UserError
 from qlora_lite.options import CLASSIFY, TRAIN
 from qlora_lite.recipe import apply_recipe
@@ -40,12 +41,11 @@ def task_for(config: TrainConfig) -> Task:
 
     The file is read once here; the causal-LM task keeps the records it was given.
     """
-    records, spec = data_mod.load_dataset_for_training(
-        config.data, format=config.format, columns=config.columns
-    )
+    source = pin_data_source(config.data, config.data_config, config.data_split)  # a Hub data set: its commit
+    records, spec = data_mod.load_dataset_for_training(source, format=config.format, columns=config.columns)
     if spec.task == "classification":
         return Classification()
-    return CausalLM(records, spec)
+    return CausalLM(records, spec, source)
 
 
 def train(

@@ -116,6 +116,9 @@ class StepRunner:
     autocast_dtype: torch.dtype | None = None
     grad_scaler: torch.amp.GradScaler | None = None
     on_backoff: Callable[[int, int], None] | None = None  # (old, new) micro-batch size
+    # Several ranks (training/distributed.py): `local(indices, step)` is this rank's share of a step,
+    # `reduce(loss, optimizer)` sums gradients and loss over the ranks. None: one process.
+    data_parallel: Any = None
 
     def _forward_backward(
         self, indices: Sequence[int], micro_batch_size: int, denominator: float | None = None
@@ -139,6 +142,9 @@ class StepRunner:
         halve the micro-batch (accumulation doubles implicitly) and redo the same step.
         """
         denominator = self.objective.denominator([self.examples[i] for i in indices])
+        sharded = self.data_parallel is not None and apply  # the probe (apply=False) stays local
+        if sharded:
+            indices = self.data_parallel.local(indices, state.step)
         rng_state = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         while True:
@@ -174,6 +180,8 @@ class StepRunner:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
             return loss
+        if sharded:
+            loss = self.data_parallel.reduce(loss, self.optimizer)
         if self.grad_scaler:
             self.grad_scaler.unscale_(self.optimizer)
         if self.max_grad_norm:

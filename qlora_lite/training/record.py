@@ -34,8 +34,21 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def model_identity(model_path: str) -> dict[str, str | None]:
-    """Base model path plus a revision: the Hub commit when known, else a hash of the local config+weights index."""
+def model_identity(model) -> dict[str, str | None]:
+    """Base model path plus a revision: the Hub commit sha for a Hub model (a `ModelSource`), else a hash of
+    the local config + weights index. `hub_id` names the Hub repo (also for a local folder made from one)."""
+    if hasattr(model, "config_path"):  # a resolved ModelSource
+        if model.on_hub:
+            return {
+                "path": model.hub_id,
+                "hub_id": model.hub_id,
+                "revision": model.revision,  # the commit sha: what a re-run must match
+                "requested_revision": model.requested_revision,
+                "config_sha256": hashlib.sha256(model.config_path.read_bytes()).hexdigest(),
+                "license": model.license,
+            }
+        model = model.name
+    model_path = str(model)
     path = Path(model_path)
     identity: dict[str, str | None] = {
         "path": model_path,
@@ -131,8 +144,8 @@ def build_run_record(
             "alpha": lora.lora_alpha,
             "dropout": lora.dropout,
             "target_modules": lora.target_modules,
-            **lora.extra,
         },
+        "peft": lora.to_record(),  # the method: LoRA/DoRA/IA3/prompt/prefix tuning, init, rsLoRA, LoRA+
         "plan": plan.to_dict(),
         "identity": identity,
         "hyperparameters": {

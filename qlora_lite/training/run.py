@@ -20,11 +20,15 @@ from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_ident
 from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import LoraSettings, attach_lora, load_tokenizer, resolve_model, torch_dtype
-from qlora_lite.options import KEPT_ON_RESUME, lora_keywords
+from qlora_lite.model.loading import attach_lora, load_tokenizer, torch_dtype
+from qlora_lite.model.peft_init import save_adapter
+from qlora_lite.model.peft_methods import PeftSettings
+from qlora_lite.model.source import resolve_model_source
+from qlora_lite.options import KEPT_ON_RESUME
 from qlora_lite.planner.hardware import HardwareProfile
 from qlora_lite.planner.planning import Plan, make_plan
 from qlora_lite.planner.profiles import resolve_hardware
+from qlora_lite.training import distributed as dp
 from qlora_lite.training.early_stopping import BEST_ADAPTER, BestTracker
 from qlora_lite.training.loop import StepRunner, Throughput, step_examples, steps_per_epoch
 from qlora_lite.training.peak_of_run import PeakOfRun
@@ -54,20 +58,24 @@ log = logging.getLogger(__name__)
 
 
 def plan_run(
-    model_path: str,
+    model_path: Any,
     lengths: list[int],
     hardware: HardwareProfile,
     config: TrainConfig,
     saved: dict | None,
     task_knobs: dict[str, Any],
+    world_size: int = 1,
 ) -> Plan:
     """The plan of this run; a resumed run keeps its saved plan (only the micro-batch split may change)."""
-    fixed = {**config.fixed_knobs(), **task_knobs}
+    inputs = {**task_knobs, "world_size": world_size}
+    fixed = {**config.fixed_knobs(), **inputs}
     if saved is not None:
-        kept = {k: saved[k] for k in KEPT_ON_RESUME if k in saved}
+        kept = {
+            k: saved[k] for k in (*KEPT_ON_RESUME, "peft") if k in saved
+        }  # and the PEFT method as planned
         if isinstance(kept.get("lora_target_modules"), list):
             kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
-        fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept, **task_knobs}
+        fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept, **inputs}
         the_plan = make_plan(
             model_path, lengths, hardware, **{**fixed, "micro_batch_size": saved["micro_batch_size"]}
         )
@@ -87,27 +95,37 @@ def plan_run(
     return the_plan
 
 
-def lora_settings(the_plan: Plan, config: TrainConfig) -> LoraSettings:
-    targets = the_plan.lora_target_modules
-    return LoraSettings(
-        the_plan.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        targets if isinstance(targets, str) else tuple(targets),
-        extra=lora_keywords(config.settings()),
-    )
-
-
 def run(config: TrainConfig, task: Task) -> TrainResult:
-    """Train `task` as `config` says, resuming from the newest verified checkpoint of the same run."""
+    """Train `task` as `config` says, resuming from the newest verified checkpoint of the same run.
+
+    Under torchrun / accelerate launch, this is this process's rank of the run (training/distributed.py)."""
+    ranks, started_group = dp.init_ranks()
+    try:
+        if ranks.active and not task.distributed:
+            raise UserError(f"the {task.name} task trains in one process: start it without torchrun/--gpus")
+        if ranks.active and config.early_stopping_patience is not None:
+            # Evaluation runs on rank 0 alone; its stop decision is not shared with the other ranks yet.
+            raise UserError(
+                "--early-stopping-patience trains in one process: start it without torchrun/--gpus"
+            )
+        return _run(config, task, ranks)
+    finally:
+        dp.close_ranks(started_group)
+
+
+def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
     started = time.time()
     data = task.read(config)  # every data problem is reported before a file is written
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
-    identity = {**run_identity(config, model_identity(model_path), data.fingerprint), **data.identity}
-    out = prepare_output_dir(config, task.files)
-    hardware = resolve_hardware(config.hardware, out)
-    finished = finished_record(out, identity)
+    source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
+    tokenizer = load_tokenizer(source)
+    identity = {**run_identity(config, model_identity(source), data.fingerprint), **data.identity}
+    # Rank 0 alone writes the run folder; the others wait until it is ready.
+    out = prepare_output_dir(config, task.files) if ranks.is_main else Path(config.output_dir).expanduser()
+    dp.barrier(ranks)
+    hardware = dp.rank_hardware(
+        resolve_hardware(config.hardware, out), ranks
+    )  # each rank plans for its device
+    finished = dp.from_main(finished_record(out, identity) if ranks.is_main else None, ranks)
     if finished is not None:
         log.info(
             "%s already holds this run, finished at step %d: nothing to do", out, finished["metrics"]["steps"]
@@ -118,16 +136,26 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
             **task.result_fields(out, finished),
         )  # fmt: skip
 
-    store = open_checkpoint_store(config, out)
+    store = open_checkpoint_store(config, out) if ranks.is_main else dp.FollowerStore()
     latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
     if latest is not None:
         task.check_checkpoint(latest)
         check_same_run(latest, identity, force=config.resume == "force")
-    write_json_atomic(out / RUN_CONFIG, {**config.to_record(), **data.run_config})
+    if ranks.is_main:
+        write_json_atomic(out / RUN_CONFIG, {**config.to_record(), **data.run_config})
+    latest, reader = dp.share_latest(store, latest, ranks)
 
     lengths = task.prepare(tokenizer, None).lengths
     saved_plan = latest.metadata.get("plan") if latest else None
-    the_plan = plan_run(model_path, lengths, hardware, config, saved_plan, task.plan_knobs())
+    # Rank 0 plans; the others keep its choices and fit only their micro-batch to their own device.
+    saved_plan = saved_plan if ranks.is_main else dp.from_main(None, ranks)
+    the_plan = plan_run(source, lengths, hardware, config, saved_plan, task.plan_knobs(), ranks.world_size)
+    if ranks.is_main:
+        dp.from_main(the_plan.to_dict(), ranks)
+    dp.check_world_size(
+        the_plan.effective_batch_size, ranks, latest.metadata.get("world_size", 1) if latest else None,
+        config.lora_dropout,
+    )  # fmt: skip
     prepared = task.prepare(tokenizer, the_plan.max_seq_length)
 
     seed_everything(config.seed)
@@ -135,9 +163,12 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
     device = (
         torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
     )
-    base, attach_kwargs = task.load_model(model_path, the_plan, accelerator, tokenizer)
-    lora = lora_settings(the_plan, config)
-    model = attach_lora(base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, **attach_kwargs)
+    base, attach_kwargs = task.load_model(source, the_plan, accelerator, tokenizer)
+    lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
+    model = attach_lora(
+        base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, model_path=source.name,
+        quantization=the_plan.quantization, **attach_kwargs,
+    )  # fmt: skip
     model.train()
     for callback in config.callbacks:
         if hasattr(callback, "on_model_ready"):
@@ -146,13 +177,17 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(prepared.train), the_plan.effective_batch_size))
     )
-    optimizer, scheduler, state = start_or_restore(config, the_plan, model, total_steps, store, latest, out)
+    optimizer, scheduler, state = start_or_restore(
+        config, the_plan, model, total_steps, reader, latest, out if ranks.is_main else None
+    )
+    dp.broadcast_parameters(model, ranks)
     half = device.type != "cpu" and the_plan.compute_dtype != "fp32"
     runner = StepRunner(
         model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
         objective=task.objective(device), max_grad_norm=config.max_grad_norm,
         autocast_dtype=torch_dtype(the_plan.compute_dtype) if half else None,
         grad_scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" and the_plan.compute_dtype == "fp16" else None,
+        data_parallel=dp.DataParallel(ranks, [len(e.input_ids) for e in prepared.train], config.seed) if ranks.active else None,
     )  # fmt: skip
     every_seconds = (
         config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds
@@ -162,37 +197,48 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
         best.restore(store.read(latest, BEST_ADAPTER))
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler, extra_files=best.checkpoint_files,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None)},
+        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None), "world_size": ranks.world_size},
         every_seconds=every_seconds, every_steps=config.save_every_steps,
     )  # fmt: skip
+    if ranks.active:
+        checkpointer = dp.MainRankCheckpointer(checkpointer, ranks)
     eval_every = config.eval_every or max(1, total_steps // 5)
-    trackers = Trackers(parse_report_to(config.report_to), out, out.name, start_step=state.step)
+    log_to = out if ranks.is_main else None  # ranks other than 0 neither log, evaluate nor show progress
+    names = parse_report_to(config.report_to) if ranks.is_main else ()
+    trackers = Trackers(names, out, out.name, start_step=state.step)
     trackers.log_params({"settings": config.settings(), "plan": the_plan.to_dict(), "model": config.model})
-    train_seconds = probe_train_and_checkpoint(
-        runner, state, prepared.train, checkpointer, store,
-        lambda: run_steps(task, config, out, prepared, runner, checkpointer, state, total_steps, the_plan, eval_every, best, trackers),
-    )  # fmt: skip
-
-    trackers.close()
-    if best.apply_best(
-        model
-    ):  # the run's adapter is the best-eval one; the last stays in the newest checkpoint
+    try:
+        train_seconds = probe_train_and_checkpoint(
+            runner, state, prepared.train, checkpointer, store,
+            lambda: run_steps(task, config, log_to, prepared, runner, checkpointer, state, total_steps, the_plan, eval_every, best, trackers),
+        )  # fmt: skip
+    finally:
+        trackers.close()
+    if ranks.is_main and best.apply_best(model):
+        # The run's adapter is the best-eval one; the last weights stay in the newest checkpoint.
         log.info("kept the adapter of step %d (eval loss %.4f)", state.best_step, state.best_eval_loss)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
     metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
+    if not ranks.is_main:
+        dp.barrier(ranks)  # rank 0 writes the adapter, the record and pushes
+        return task.result_type(
+            out, out, out / RUN_RECORD, None, metrics, the_plan, latest.step if latest else None
+        )
+    save_adapter(model, out, model.qlora_lite_initial_adapter)  # PiSSA/OLoRA: as plain LoRA on the base
+    tokenizer.save_pretrained(out)
     finish = task.finish(model, tokenizer, prepared, runner, state, out)
     for name in finish.drop_metrics:
         metrics.pop(name, None)
     metrics.update(finish.metrics)
     plot = plot_loss(
-        state.history, state.eval_history, out / LOSS_PLOT, title=f"{Path(model_path).name} {task.title}"
+        state.history, state.eval_history, out / LOSS_PLOT, title=f"{source.display_name} {task.title}"
     )
     record = build_run_record(
-        config=config, model_path=model_path, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
+        config=config, model_path=source, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
         total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
     )  # fmt: skip
-    record.update(finish.record)
+    record.update(finish.record, world_size=ranks.world_size)
+    record["data"].update(data.record)  # e.g. a Hub data set's id and the commit the records came from
     record["best"] = {
         "step": state.best_step,
         "eval_loss": state.best_eval_loss,
@@ -207,6 +253,7 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
 
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)
+    dp.barrier(ranks)
     return task.result_type(
         out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None,
         **task.result_fields(out, record),
@@ -216,7 +263,7 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
 def run_steps(
     task: Task,
     config: TrainConfig,
-    out: Path,
+    out: Path | None,
     prepared: PreparedData,
     runner: StepRunner,
     checkpointer: Checkpointer,
@@ -227,16 +274,22 @@ def run_steps(
     best: BestTracker | None = None,
     trackers: Trackers | None = None,
 ) -> None:
-    """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar."""
+    """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar.
+
+    `out` is None on ranks other than 0: they neither log, evaluate nor show progress."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     throughput = Throughput()
     bar = tqdm(
-        total=total_steps, initial=state.step, disable=not config.progress, unit="step", dynamic_ncols=True
+        total=total_steps,
+        initial=state.step,
+        disable=not config.progress or out is None,
+        unit="step",
+        dynamic_ncols=True,
     )
     best = best or BestTracker()
-    trackers = trackers or Trackers((), out, out.name)
+    trackers = trackers or Trackers((), out, "run")
     # Log lines (checkpoints saved, evals) print above the bar instead of breaking it. Only the loggers that
     # print (have handlers) are redirected: redirecting both the package logger and the root it propagates to
     # printed every line twice.
@@ -263,9 +316,10 @@ def run_steps(
                     "micro_batch_size": state.micro_batch_size, "seconds": round(seconds, 4),
                 }  # fmt: skip
                 state.history.append(row)
-                append_step_log(out, row)
-                trackers.log_row(row)
-                if state.step % eval_every == 0 or state.step == total_steps:
+                if out is not None:
+                    append_step_log(out, row)
+                    trackers.log_row(row)
+                if out is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     entry = task.evaluate(runner, prepared, state)
                     if entry is not None:
                         state.eval_history.append(entry)

@@ -19,6 +19,7 @@ from qlora_lite.checkpoint.resume import Checkpointer, check_same_parameters, re
 from qlora_lite.checkpoint.store import CheckpointStore, default_durable_root
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
+from qlora_lite.model.peft_methods import parameter_groups
 from qlora_lite.run_files import CHECKPOINTS, RUN_FILES  # noqa: F401 (re-exported)
 from qlora_lite.training.loop import LoopState, OutOfMemoryAtMicroBatchOne
 from qlora_lite.training.record import RUN_RECORD, rewrite_step_log
@@ -33,7 +34,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+    name: str, params: list[torch.nn.Parameter] | list[dict], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -112,12 +113,13 @@ def warmup_steps(config: TrainConfig, total_steps: int) -> int:
     return int(config.warmup_ratio * total_steps)
 
 
-def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path):
+def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, store, latest, out: Path | None):
     """Optimizer, LR schedule and loop state: fresh, or everything restored from `latest`."""
     from transformers import get_scheduler
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(the_plan.optimizer, trainable, config.learning_rate, config.weight_decay)
+    # LoRA+: the B matrices in a group of their own at lora_plus_ratio x the learning rate.
+    groups = parameter_groups(model, config.learning_rate, config.lora_plus_ratio)
+    optimizer = make_optimizer(the_plan.optimizer, groups, config.learning_rate, config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
@@ -129,7 +131,8 @@ def start_or_restore(config: TrainConfig, the_plan, model, total_steps: int, sto
         check_same_parameters(latest, model)
         state = restore(store, latest, model, optimizer, scheduler)
         state.micro_batch_size = the_plan.micro_batch_size  # the plan may have re-split it on this machine
-    rewrite_step_log(out, state.history, state.eval_history)
+    if out is not None:  # None on ranks other than 0: they write nothing
+        rewrite_step_log(out, state.history, state.eval_history)
     return optimizer, scheduler, state
 
 

@@ -15,6 +15,8 @@ import torch
 from qlora_lite.data import encoding as encode_mod
 from qlora_lite.data import formats as data_mod
 from qlora_lite.data.encoding import IGNORE_INDEX, Example
+from qlora_lite.data.hub_dataset import HubDataset, pin_data_source
+from qlora_lite.data.templates import apply_chat_template_choice, end_of_turn, generation_config_for
 from qlora_lite.model.loading import load_base_model
 from qlora_lite.training.loop import (
     LoopState,
@@ -105,17 +107,22 @@ class CausalLM:
     title = "LoRA"
     files: tuple[str, ...] = ()
     result_type = TrainResult
+    distributed = True
 
-    def __init__(self, records: list[dict] | None = None, spec: Any = None) -> None:
-        self.records, self.spec = records, spec  # already read (train() reads once to pick the task)
+    def __init__(self, records: list[dict] | None = None, spec: Any = None, source: Any = None) -> None:
+        # Already read when given (train() reads the data once to pick the task); `source` is the pinned
+        # data source (a Hub data set at its commit, or what the user gave).
+        self.records, self.spec, self.source = records, spec, source
         self.config = None
         self.eval_records: list[dict] | None = None
+        self.template: str | None = None  # the chat template applied to the tokenizer
 
     def read(self, config) -> TaskData:
         self.config = config
         if self.records is None:
+            self.source = pin_data_source(config.data, config.data_config, config.data_split)
             self.records, self.spec = data_mod.load_dataset_for_training(
-                config.data, format=config.format, columns=config.columns
+                self.source, format=config.format, columns=config.columns
             )
         self.eval_records = None
         identity = {}
@@ -123,15 +130,17 @@ class CausalLM:
             self.eval_records = data_mod.load_records(config.eval_data)
             data_mod.to_conversations(self.eval_records, self.spec)  # its problems are reported now
             identity = {"eval_data_fingerprint": data_mod.fingerprint(self.eval_records, self.spec)}
+        described = self.source.describe() if isinstance(self.source, HubDataset) else {}
         fingerprint = data_mod.fingerprint(self.records, self.spec)
-        return TaskData(self.spec, fingerprint, len(self.records), identity=identity)
+        return TaskData(self.spec, fingerprint, len(self.records), identity=identity, record=described)
 
     def check_checkpoint(self, latest) -> None:
         return None
 
     def prepare(self, tokenizer, max_seq_length: int | None) -> PreparedData:
-        encode_mod.ensure_chat_template(tokenizer)
         config = self.config
+        if self.template is None:
+            self.template = apply_chat_template_choice(tokenizer, config.chat_template)
         conversations = data_mod.to_conversations(self.records, self.spec)
         if self.eval_records is not None:
             train_items, eval_items = conversations, data_mod.to_conversations(self.eval_records, self.spec)
@@ -152,9 +161,10 @@ class CausalLM:
     def plan_knobs(self) -> dict[str, Any]:
         return {}
 
-    def load_model(self, model_path: str, plan, accelerator: str, tokenizer) -> tuple[Any, dict]:
+    def load_model(self, source, plan, accelerator: str, tokenizer) -> tuple[Any, dict]:
         base = load_base_model(
-            model_path,
+            source.name,
+            revision=source.revision,  # the commit the plan and the run identity name
             quantization=plan.quantization,
             double_quant=plan.double_quant,
             compute_dtype=plan.compute_dtype,
@@ -175,11 +185,16 @@ class CausalLM:
 
     def finish(self, model, tokenizer, prepared: PreparedData, runner, state, out: Path) -> Finished:
         config = self.config
+        generation_config_for(model, tokenizer).save_pretrained(out)  # stop at the learned end-of-turn too
+        record: dict[str, Any] = {
+            "generation_eval": None,
+            "chat_template": {"template": self.template, "end_of_turn": end_of_turn(tokenizer)},
+        }
         if not (config.eval_generations or config.sample_generations):
-            return Finished(record={"generation_eval": None})
+            return Finished(record=record)
         from qlora_lite.training.generation_eval import before_after
 
-        generations = before_after(
+        generations = record["generation_eval"] = before_after(
             model, tokenizer, prepared.eval_conversations, config.eval_generations, config.sample_generations
         )
         metrics = {}
@@ -188,7 +203,7 @@ class CausalLM:
                 "exact_match": generations["after"]["exact_match"],
                 "contains_match": generations["after"]["contains_match"],
             }
-        return Finished(metrics=metrics, record={"generation_eval": generations})
+        return Finished(metrics=metrics, record=record)
 
     def result_fields(self, out: Path, record: dict) -> dict[str, Any]:
         return {}

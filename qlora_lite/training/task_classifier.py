@@ -128,6 +128,7 @@ class Classification:
     title = "LoRA classifier"
     files = (LABELS_FILE, CONFUSION_PLOT)
     result_type = ClassifierResult
+    distributed = False
 
     def __init__(
         self, labels: list | None = None, class_weights: str | dict | None = None, eval_data: Any = None
@@ -136,7 +137,7 @@ class Classification:
         self.data: cdata.LabeledData | None = None
         self.weights: list[float] | None = None
         self.heads: list[str] = []
-        self.model_path = ""
+        self.display_name = ""
 
     def read(self, config) -> TaskData:
         data = cdata.load_labeled_data(config, labels=self.labels, eval_data=self.eval_data)
@@ -146,8 +147,10 @@ class Classification:
         if not config.overwrite:
             cdata.check_saved_labels(Path(config.output_dir).expanduser() / RUN_RECORD, data.mapping)
         eval_source = self.eval_data if isinstance(self.eval_data, str) else None
+        # A Hub data set: its id and the commit the records came from go into the record's "data".
+        described = data.source.describe() if hasattr(data.source, "describe") else {}
         return TaskData(
-            data.spec, data.fingerprint, data.n_records,
+            data.spec, data.fingerprint, data.n_records, record=described,
             identity={"classification": {"labels": list(data.mapping.names), "class_weights": self.weights}},
             run_config={"classifier": {"labels": self.labels, "class_weights": self.class_weights, "eval_data": eval_source}},
         )  # fmt: skip
@@ -172,17 +175,17 @@ class Classification:
     def plan_knobs(self) -> dict[str, Any]:
         return {"task": "classification", "num_labels": len(self.data.mapping)}
 
-    def load_model(self, model_path: str, plan, accelerator: str, tokenizer) -> tuple[Any, dict]:
-        self.model_path = model_path
+    def load_model(self, source, plan, accelerator: str, tokenizer) -> tuple[Any, dict]:
+        self.display_name = source.display_name
         base = load_classification_base(
-            model_path, quantization=plan.quantization, double_quant=plan.double_quant,
+            source.name, revision=source.revision, quantization=plan.quantization, double_quant=plan.double_quant,
             compute_dtype=plan.compute_dtype, accelerator=accelerator, attn_implementation=plan.attn_implementation,
             **self.data.mapping.config_kwargs(tokenizer.pad_token_id),
         )  # fmt: skip
         self.heads = [name for name in HEAD_NAMES if isinstance(getattr(base, name, None), torch.nn.Module)]
         if not self.heads:
             raise UserError(
-                f"{model_path}: its sequence-classification model has no 'score' or 'classifier' head"
+                f"{source.name}: its sequence-classification model has no 'score' or 'classifier' head"
             )
         return base, {"task": "classification", "modules_to_save": self.heads}
 
@@ -222,7 +225,7 @@ class Classification:
             log.info("held-out evaluation:\n%s", format_classification_table(evaluation))
             plot_confusion_matrix(
                 evaluation["confusion_matrix"], data.mapping.names, out / CONFUSION_PLOT,
-                title=f"{Path(self.model_path).name} LoRA classifier",
+                title=f"{self.display_name} LoRA classifier",
             )  # fmt: skip
         labels_file = data.mapping.to_file(tokenizer.pad_token_id)
         write_json_atomic(out / LABELS_FILE, labels_file)

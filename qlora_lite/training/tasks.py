@@ -41,6 +41,7 @@ class TaskData:
     n_records: int
     identity: dict[str, Any] = field(default_factory=dict)  # added to the run's identity
     run_config: dict[str, Any] = field(default_factory=dict)  # added to run_config.json (for `resume`)
+    record: dict[str, Any] = field(default_factory=dict)  # added to the run record's "data" entry
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Task(Protocol):
     title: str  # the loss plot's title after the model name
     files: tuple[str, ...]  # run-folder files besides run_files.RUN_FILES that `overwrite` removes
     result_type: type  # TrainResult or a subclass
+    distributed: bool  # whether it can train under torchrun / accelerate launch (training/distributed.py)
 
     def read(self, config: TrainConfig) -> TaskData:
         """Read and check the data; raise UserError before anything is written."""
@@ -85,8 +87,9 @@ class Task(Protocol):
     def plan_knobs(self) -> dict[str, Any]:
         """Knobs the task fixes for the planner (the head: task, num_labels)."""
 
-    def load_model(self, model_path: str, plan: Any, accelerator: str, tokenizer: Any) -> tuple[Any, dict]:
-        """(base model with the task's head, keyword arguments for `attach_lora`)."""
+    def load_model(self, source: Any, plan: Any, accelerator: str, tokenizer: Any) -> tuple[Any, dict]:
+        """(base model with the task's head, keyword arguments for `attach_lora`); `source` is the resolved
+        model (model.source.ModelSource: a folder, or a Hub id pinned to a commit)."""
 
     def objective(self, device: torch.device) -> Objective:
         """How a micro-batch becomes a loss, normalised over the whole step."""

@@ -101,7 +101,7 @@ def create_app(
     async def answer(request: Request, body: schemas._Sampling, prompt: Any, route_text: str | None):
         deadline = time.monotonic() + timeout
         check_model(body.model)
-        chat = route_text is not None or isinstance(body, schemas.ChatCompletionRequest)
+        chat = isinstance(body, schemas.ChatCompletionRequest)
         kind = "stream" if body.stream else "generate"
         job = engine.submit(Job(kind, body.model, prompt, sampling_of(body), route_text or _text_of(prompt)))
         try:

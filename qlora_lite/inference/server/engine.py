@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,9 +87,10 @@ class Job:
         self.loop.call_soon_threadsafe(_settle, self.future, value, None)
 
     def fail(self, exc: BaseException) -> None:
-        if self.kind == "stream":
+        if self.kind == "stream":  # a stream's handler reads only its events
             self.emit("error", exc)
-        self.loop.call_soon_threadsafe(_settle, self.future, None, exc)
+        else:
+            self.loop.call_soon_threadsafe(_settle, self.future, None, exc)
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -114,11 +116,15 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         max_tokens: int = 512,
+        batch_wait: float = 0.02,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_tokens < 1:
             raise UserError("max_batch, max_queue and max_tokens must each be at least 1")
         self.adapters, self.router = adapters, router
         self.max_batch, self.max_queue, self.max_tokens = max_batch, max_queue, max_tokens
+        # Clients that send together arrive a few milliseconds apart: waiting this long (seconds) for them
+        # before a generate call that takes seconds turns a trickle of single rows into one batch.
+        self.batch_wait = batch_wait
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -214,6 +220,8 @@ class Engine:
             return []
         batch = [head]
         key = head.sampling.batch_key() if head.asked_key is not None else None
+        if key is not None and self.max_batch > 1:
+            self._gather(time.monotonic() + self.batch_wait)
         skipped: set[int] = set()
         while key is not None and len(batch) < self.max_batch:
             with self._cond:
@@ -233,6 +241,15 @@ class Engine:
                 with self._cond:
                     self._waiting.appendleft(job)
         return batch
+
+    def _gather(self, deadline: float) -> None:
+        """Wait until the batch could be full, or the deadline, whichever comes first (no busy loop)."""
+        with self._cond:
+            while len(self._waiting) < self.max_batch - 1 and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def _prepare(self, job: Job) -> bool:
         """Resolve the model name (and the router), check the task and the prompt length. False: failed."""

@@ -34,6 +34,7 @@ class Limits:
     max_tokens: int = 512  # the cap on max_tokens (and the default when a request names none)
     timeout: float = 300.0  # seconds from arrival to the last token
     max_body_bytes: int = 1 << 20
+    batch_wait: float = 0.02  # seconds the engine waits for more requests to join a batch
 
 
 @dataclass
@@ -144,6 +145,7 @@ def build_app(
     engine = Engine(
         adapter_set, router=load_router(router, adapter_set),
         max_batch=limits.max_batch, max_queue=limits.max_queue, max_tokens=limits.max_tokens,
+        batch_wait=limits.batch_wait,
     )  # fmt: skip
     return create_app(
         engine, api_key=api_key, max_body_bytes=limits.max_body_bytes, timeout=limits.timeout,
