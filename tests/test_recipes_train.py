@@ -92,7 +92,13 @@ def test_tensorboard_receives_every_step_and_eval(tiny_model, files, tmp_path):
     assert [e.step for e in acc.Scalars("eval/loss")] == [2, 4]
     assert "run/parameters/text_summary" in acc.Tags()["tensors"]
     record = json.loads((out / "run_record.json").read_text())
-    assert record["measured_peak"]["bytes"] > 0 and result.plan.peak_memory_bytes > 0
+    measured = record["measured_peak"]["bytes"]
+    assert measured > 0 and result.plan.peak_memory_bytes > 0
+    from qlora_lite.hub.card import render_model_card
+
+    card = str(render_model_card(out, "me/run"))
+    off = 100 * (result.plan.peak_memory_bytes - measured) / measured
+    assert f"(prediction {off:+.0f}%)" in card
 
 
 def early_settings(files, **extra) -> dict:
