@@ -342,12 +342,12 @@ def sample_prompts(records: Sequence[dict], n: int = 1) -> list[Any]:
 
 def plan_for(model: str, data: Any, hardware: Any = None, **settings: Any):
     """The plan `train(model, data, ..., **settings)` will use, before loading a weight."""
-    from qlora_lite.config import PLANNER_KNOBS
     from qlora_lite.data.encoding import token_lengths
     from qlora_lite.model.source import resolve_model_source
+    from qlora_lite.options import planner_settings
     from qlora_lite.planner.planning import plan
 
-    knobs = {k: v for k, v in settings.items() if k in PLANNER_KNOBS or k == "max_memory"}
+    knobs = planner_settings(settings)
     source = resolve_model_source(model)  # a Hub id: config.json alone, before any weight
     return plan(source, data=token_lengths(data, source), hardware=hardware, **knobs)
 

@@ -7,7 +7,6 @@ Restoring adapter, optimizer, scheduler, RNG and loop state therefore continues 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -25,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from qlora_lite.checkpoint.store import CheckpointInfo, CheckpointStore
 from qlora_lite.errors import UserError
+from qlora_lite.options import BY_NAME, IDENTITY_SETTINGS, IDENTITY_SETTINGS_IF_SET
 from qlora_lite.run_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora_lite.training.loop import LoopState
 from qlora_lite.training.record import library_versions
@@ -38,26 +38,16 @@ ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP = (
     "rng.pt",
     "loop.json",
 )
-# The settings that define a run: a checkpoint made with other values belongs to another run.
-IDENTITY_SETTINGS = (
-    "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-    "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format", "chat_template", "data_config", "data_split",
-)  # fmt: skip
-
-
-# PEFT method options: part of the identity when not at their defaults (older checkpoints stay valid).
-PEFT_IDENTITY_SETTINGS = (
-    "peft_method", "lora_method", "rslora", "lora_plus_ratio", "init_lora_weights", "loftq_iter", "rank_pattern",
-    "alpha_pattern", "num_virtual_tokens",
-)  # fmt: skip
+# The settings that define a run (declared `resume="match"`): a checkpoint made with other values belongs
+# to another run.
 
 
 def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run (paths may differ between machines)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     settings = {name: getattr(config, name) for name in IDENTITY_SETTINGS}
+    # Options added later count only when set, so checkpoints made before they existed stay valid.
     settings.update(
-        {n: getattr(config, n) for n in PEFT_IDENTITY_SETTINGS if getattr(config, n) != defaults.get(n)}
+        {n: getattr(config, n) for n in IDENTITY_SETTINGS_IF_SET if getattr(config, n) != BY_NAME[n].default}
     )
     return {
         "base_model": {

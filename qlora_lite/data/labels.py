@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_lite.data import formats as data_mod
+from qlora_lite.data.encoding import IGNORE_INDEX
 from qlora_lite.errors import UserError
 from qlora_lite.training.evaluation import format_distribution, label_distribution
-from qlora_lite.training.loop import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_lite.compat import callable_module
 from qlora_lite.errors import UserError
 from qlora_lite.hub import client as hub_client
 from qlora_lite.hub.card import REPO_ID_PATTERN, base_hub_id, base_name, render_model_card  # noqa: F401 (re-exported)
@@ -237,3 +238,7 @@ def resolve_adapter(
     if not (folder / "adapter_config.json").is_file():
         raise UserError(f"Hub repo {text} has no adapter_config.json: it is not a PEFT adapter")
     return folder
+
+
+# `from qlora_lite.hub import push; push(run_dir, repo_id)` worked when hub was one module: keep it working.
+callable_module(__name__, push)

@@ -158,6 +158,31 @@ def attach_lora(
     return peft_model
 
 
+def load_classification_base(
+    model_path: str,
+    *,
+    quantization: str,
+    double_quant: bool,
+    compute_dtype: str,
+    accelerator: str,
+    attn_implementation: str | None = "sdpa",
+    revision: str | None = None,
+    **config_kwargs: Any,
+):
+    """`load_base_model` for a classifier (the head stays out of 4/8-bit there)."""
+    return load_base_model(
+        model_path,
+        revision=revision,
+        quantization=quantization,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        accelerator=accelerator,
+        attn_implementation=attn_implementation,
+        task="classification",
+        **config_kwargs,
+    )
+
+
 def load_tokenizer(model: str | ModelSource, revision: str | None = None):
     """The tokenizer of a folder, a Hub id (at `revision`) or a resolved `ModelSource` (at its commit)."""
     from transformers import AutoTokenizer

@@ -50,12 +50,13 @@ def make_optimizer(
     return classes[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def prepare_output_dir(config: TrainConfig) -> Path:
+def prepare_output_dir(config: TrainConfig, task_files: tuple[str, ...] = ()) -> Path:
+    """The run folder, created; with `overwrite`, emptied of a previous run (its files and checkpoints)."""
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file: give a folder for the run")
     if config.overwrite and out.is_dir():
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *task_files):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
