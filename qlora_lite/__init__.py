@@ -9,6 +9,14 @@ print(qlora_lite.generate("Hello!", adapter=result.adapter_dir))
 
 from __future__ import annotations
 
+# First: a library pip upgraded under this (notebook) process means a restart; say so before anything breaks.
+from qlora_lite.demo.colab import check_fresh_imports
+
+check_fresh_imports()
+
+# No module is named like a public function any more (train, plan, generate live in subpackages), so the
+# functions below are plain attributes; old module paths fail with their new place (qlora_lite.compat).
+from qlora_lite.compat import install_moved_module_finder
 from qlora_lite.data.formats import detect_format, load_records
 from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.demo.run import run_demo
@@ -24,17 +32,18 @@ from qlora_lite.planner.hardware import HardwareProfile, detect
 from qlora_lite.planner.memory import estimate_memory
 from qlora_lite.planner.planning import Plan, plan
 from qlora_lite.planner.profiles import get_profile
+from qlora_lite.training.api import train, train_classifier
+from qlora_lite.training.task_classifier import ClassifierResult
+from qlora_lite.training.tasks import TrainResult
 
-# Imported eagerly on purpose: `train`, `plan` and `generate` are both modules and functions, and the
-# function must win whatever imports the submodule later.
-from qlora_lite.training.classifier import train_classifier
-from qlora_lite.training.run import TrainResult, train
+install_moved_module_finder()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterSet",
     "Completion",
+    "ClassifierResult",
     "Generator",
     "HardwareProfile",
     "Plan",

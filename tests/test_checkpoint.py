@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from qlora_lite.checkpoint.durable import copy_file_fsync
+from qlora_lite.checkpoint.manifest import FORMAT_VERSION, MANIFEST, verify_checkpoint
 from qlora_lite.checkpoint.store import (
     CheckpointInfo,
     CheckpointStore,
@@ -26,8 +28,6 @@ from qlora_lite.checkpoint.store import (
     SkippedCheckpoint,
     default_durable_root,
 )
-from qlora_lite.checkpoint.manifest import FORMAT_VERSION, MANIFEST, verify_checkpoint
-from qlora_lite.checkpoint.durable import copy_file_fsync
 from qlora_lite.errors import UserError
 
 

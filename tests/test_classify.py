@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_lite.cli import classify as classify_cli
-from qlora_lite.training.classifier import ClassifierStepRunner, train_classifier
 from qlora_lite.data.labels import ClassifierExample, LabelMapping, stratified_split
-from qlora_lite.inference.classification import classify, load_classifier
 from qlora_lite.errors import UserError
-from qlora_lite.training.loop import LoopState
+from qlora_lite.inference.classification import classify, load_classifier
+from qlora_lite.training.api import train_classifier
+from qlora_lite.training.loop import LoopState, StepRunner
+from qlora_lite.training.task_classifier import ClassificationObjective
 
 WORDS = {"pos": ["love", "enjoy", "adore"], "neg": ["hate", "dislike", "loathe"], "neutral": ["saw", "met"]}
 ROWS = [
@@ -292,11 +293,11 @@ def _grads(micro_batch_size: int, weights):
     """Loss and gradients of one 8-example step split into micro-batches of `micro_batch_size`."""
     model = TinyClassifier()
     examples = [ClassifierExample(list(range(1, 2 + i % 5)), i % 3) for i in range(8)]
-    runner = ClassifierStepRunner(
+    runner = StepRunner(
         model, torch.optim.SGD(model.parameters(), lr=0.1), None, examples, pad_token_id=0, device="cpu",
-        max_grad_norm=None, class_weights=torch.tensor(weights) if weights else None,
+        max_grad_norm=None, objective=ClassificationObjective(torch.tensor(weights) if weights else None),
     )  # fmt: skip
-    loss = runner._forward_backward(list(range(8)), micro_batch_size, denominator=8)
+    loss = runner._forward_backward(list(range(8)), micro_batch_size)  # the step's own denominator
     return loss, [p.grad.clone() for p in model.parameters()]
 
 
@@ -310,9 +311,9 @@ def test_step_loss_is_independent_of_the_micro_batch_split_and_survives_oom(weig
 
     model = TinyClassifier(oom_above=2)
     examples = [ClassifierExample(list(range(1, 2 + i % 5)), i % 3) for i in range(8)]
-    runner = ClassifierStepRunner(
+    runner = StepRunner(
         model, torch.optim.SGD(model.parameters(), lr=0.1), None, examples, pad_token_id=0, device="cpu",
-        max_grad_norm=None, class_weights=torch.tensor(weights) if weights else None,
+        max_grad_norm=None, objective=ClassificationObjective(torch.tensor(weights) if weights else None),
     )  # fmt: skip
     state = LoopState(micro_batch_size=8)
     loss = runner.run(list(range(8)), state, apply=False)

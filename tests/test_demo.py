@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qlora_lite.demo.run import run_demo
+from qlora_lite.demo.run import format_summary, run_demo
 from qlora_lite.demo.task import is_correct, make_dataset
 
 
@@ -20,9 +20,25 @@ def test_demo_task_is_held_out_and_checked_exactly():
     assert not is_correct("Sure! " + row["output"], row)
 
 
+@pytest.mark.slow  # ~5 min on 2 AVX-512 cores, ~10 on AVX2-only ones; the default tier runs the short check below
 def test_demo_gains_at_least_30_points(tmp_path):
     pytest.importorskip("gguf")
     summary = run_demo(str(tmp_path / "demo"), progress=False)
     assert summary["accuracy_after"] - summary["accuracy_before"] >= 30, summary
     assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "demo_results.json").is_file()
+
+
+def test_demo_path_end_to_end_in_a_few_steps(tmp_path):
+    """The demo's whole path (real SmolLM2 in 4-bit, measure before, train, measure after) on a short budget:
+    4 steps on 64 orders, 4 held-out orders. The training loss must fall and the summary must report both."""
+    pytest.importorskip("gguf")
+    summary = run_demo(str(tmp_path / "demo"), max_steps=4, n_train=64, n_eval=4, progress=False)
+    record = json.loads((tmp_path / "demo" / "run_record.json").read_text())
+    losses = [row["loss"] for row in record["history"]]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    assert summary["train_metrics"]["steps"] == 4 and summary["held_out_examples"] == 4
+    assert 0 <= summary["accuracy_before"] <= 100 and 0 <= summary["accuracy_after"] <= 100
+    assert len(summary["samples"]) == 3 and all(s["after"] for s in summary["samples"])
+    text = format_summary(summary)
+    assert "before training:" in text and "after training:" in text

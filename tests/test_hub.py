@@ -22,13 +22,13 @@ from fake_hub import FakeHub, FakeHubClient, http_error
 from huggingface_hub import ModelCard
 from safetensors.numpy import save_file
 
+from qlora_lite.checkpoint.store import CheckpointStore
+from qlora_lite.cli.hub import add_push_parser, run_push
+from qlora_lite.errors import UserError
 from qlora_lite.hub import client as hub_client
 from qlora_lite.hub import push as hub
 from qlora_lite.hub import token as hub_token
-from qlora_lite.checkpoint.store import CheckpointStore
-from qlora_lite.errors import UserError
 from qlora_lite.hub.checkpoints import HubBackend, backend_from_spec
-from qlora_lite.cli.hub import add_push_parser, run_push
 
 TOKEN = "hf_TestSecretToken0123456789abcdefXYZ"
 READ_TOKEN = "hf_ReadOnlyToken0123456789abcdefXYZ"

@@ -121,13 +121,14 @@ def test_a_classifier_pushed_to_the_hub_classifies_by_id(hub_server, tiny_model,
     monkeypatch.setenv("HF_TOKEN", "tok-user")
     sha = hub_server.add_folder("org/tiny", tiny_model)
     hub_server.add_commit("org/tiny", {"README.md": "---\nlicense: apache-2.0\n---\n"})
-    hub_server.add_repo("org/feelings", {"train.jsonl": jsonl(LABELLED)}, repo_type="dataset")
+    data_sha = hub_server.add_repo("org/feelings", {"train.jsonl": jsonl(LABELLED)}, repo_type="dataset")
     result = qlora_lite.train_classifier(
         "org/tiny", "org/feelings", str(tmp_path / "clf"), max_steps=2, micro_batch_size=4,
         effective_batch_size=4, lora_r=4, progress=False, eval_fraction=0.0,
     )  # fmt: skip
     record = json.loads(result.run_record.read_text())
     assert record["base_model"]["hub_id"] == "org/tiny" and record["base_model"]["revision"] != sha
+    assert record["data"]["hub_id"] == "org/feelings" and record["data"]["revision"] == data_sha
     local = qlora_lite.classify(str(result.output_dir), ["I love it", "I hate it"])
 
     qlora_lite.push(result.output_dir, "user/feelings")

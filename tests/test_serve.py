@@ -223,7 +223,7 @@ def test_health_answers(server):
 
 def test_classify_answers_for_a_classifier_adapter_loaded_at_run_time(server, lora, tmp_path):
     from qlora_lite.inference.classification import load_classifier
-    from qlora_lite.training.classifier import train_classifier
+    from qlora_lite.training.api import train_classifier
 
     rows = [
         {"text": f"I {w} thing {i}", "label": lab}

@@ -147,4 +147,5 @@ def run_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+add_parsers = add_adapter_parsers
 COMMANDS = {"merge": run_merge, "combine": run_combine, "route": run_route, "adapters": run_adapters}

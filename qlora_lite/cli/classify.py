@@ -1,8 +1,4 @@
-"""`qlora-lite classify` and `qlora-lite train-classifier`: thin layers over `qlora_lite.classify`.
-
-Wiring (in cli.py): call `add_classify_parsers(sub)` in `build_parser()` and merge `COMMANDS` into the
-command table; both handlers raise UserError for the CLI's exit status 2.
-"""
+"""`qlora-lite classify` and `qlora-lite train-classifier`: label texts with a run, train a classifier."""
 
 from __future__ import annotations
 
@@ -10,10 +6,10 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-from qlora_lite.cli.flags import PEFT_FLAGS
+from qlora_lite.cli.flags import add_option_flags, settings_from_args
 from qlora_lite.errors import UserError
+from qlora_lite.options import CLASSIFY
 
 TEXT_COLUMNS = ("text", "sentence", "content")
 
@@ -38,10 +34,8 @@ def class_weights_arg(value: str) -> str | dict[str, float]:
 
 def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `classify` (predict) and `train-classifier` (train) to the CLI's subcommands."""
-    from qlora_lite.cli.flags import add_run_flags
-
     c = sub.add_parser("classify", help="label texts with a trained classifier run")
-    c.add_argument("run_dir", help="run folder written by train-classifier")
+    c.add_argument("run_dir", help="run folder written by train-classifier, or the Hub id it was pushed to")
     c.add_argument("texts", nargs="*", help="texts to classify (or use --input)")
     c.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of texts to classify")
     c.add_argument("--output", help="JSONL file to write (file mode; default: print JSON lines)")
@@ -62,7 +56,11 @@ def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--label-column", help="default: label/labels/category/intent/class")
     t.add_argument("--labels", help="comma-separated label order (ids); default: sorted")
     t.add_argument("--class-weights", type=class_weights_arg, metavar="balanced|LABEL=W,...")
-    add_run_flags(t)
+    t.add_argument("--no-progress", action="store_true")
+    add_option_flags(t, CLASSIFY)
+
+
+add_parsers = add_classify_parsers
 
 
 def _text_column(records: list[dict], wanted: str | None, path: str) -> str:
@@ -151,20 +149,11 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_FLAGS = (
-    "columns", "data_config", "data_split", "model_revision", "max_steps", "epochs", "learning_rate", "seed", "lora_alpha", "lora_dropout", "eval_fraction",
-    "eval_every", "overwrite", "quantization", "double_quant", "compute_dtype", "micro_batch_size",
-    "gradient_accumulation_steps", "effective_batch_size", "max_seq_length", "gradient_checkpointing", "optimizer",
-    "attn_implementation", "lora_r", "lora_target_modules", "max_memory", "checkpoint_dir", "save_every_minutes",
-    "save_every_steps", "resume", *PEFT_FLAGS,
-)  # fmt: skip
-
-
 def run_train_classifier(args: argparse.Namespace) -> int:
     """`qlora-lite train-classifier --model M --data D --output O [...]`: prints the metrics as JSON."""
-    from qlora_lite.training.classifier import train_classifier
+    from qlora_lite.training.api import train_classifier
 
-    overrides: dict[str, Any] = {n: getattr(args, n) for n in TRAIN_FLAGS if getattr(args, n) is not None}
+    overrides = settings_from_args(args, CLASSIFY)
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
     result = train_classifier(
         args.model, args.data, args.output, text_column=args.text_column, label_column=args.label_column,

@@ -37,6 +37,9 @@ def add_push_parser(subparsers: Any) -> None:
     p.add_argument("--message", metavar="MSG", help="commit message (default: model, rank, steps, loss)")
 
 
+add_parsers = add_push_parser
+
+
 def run_push(args: argparse.Namespace) -> int:
     """Push and print the commit URL; UserError (exit status 2 in the CLI) for anything the user can fix."""
     from qlora_lite.hub import push as hub
@@ -47,3 +50,6 @@ def run_push(args: argparse.Namespace) -> int:
     print(f"pushed {len(result.files)} files to {result.repo_url}")
     print(result.commit_url)
     return 0
+
+
+COMMANDS = {"push": run_push}

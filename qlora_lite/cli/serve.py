@@ -80,3 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
         revision=args.revision, background=False,
     )  # fmt: skip
     return 0
+
+
+add_parsers = add_serve_parser
+COMMANDS = {"serve": run_serve}

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_lite.data import formats as data_mod
+from qlora_lite.data.encoding import IGNORE_INDEX
 from qlora_lite.errors import UserError
 from qlora_lite.training.evaluation import format_distribution, label_distribution
-from qlora_lite.training.loop import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class LabeledData:
     eval: list[tuple[str, Any]]
     fingerprint: str
     n_records: int
+    source: Any = None  # what the records came from (a Hub data set: pinned to its commit)
 
     @property
     def train_ids(self) -> list[int]:
@@ -192,7 +193,7 @@ def load_labeled_data(config, *, labels: Sequence[Any] | None = None, eval_data:
             f"eval labels {which} never appear in the training data ({label_col!r}); "
             "add training examples of them or drop them from the eval set"
         )
-    return LabeledData(spec, mapping, train, held, fingerprint, len(records))
+    return LabeledData(spec, mapping, train, held, fingerprint, len(records), data)
 
 
 def resolve_class_weights(spec: Any, mapping: LabelMapping, train_ids: Sequence[int]) -> list[float] | None:

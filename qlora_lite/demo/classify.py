@@ -164,7 +164,7 @@ def run_classify_demo(
 ) -> dict[str, Any]:
     """Train the intent classifier and measure held-out accuracy before/after against the majority baseline."""
     from qlora_lite.inference.classification import load_classifier
-    from qlora_lite.training.classifier import train_classifier
+    from qlora_lite.training.api import train_classifier
     from qlora_lite.training.evaluation import classification_metrics, majority_baseline
     from qlora_lite.training.record import write_json_atomic
 
@@ -225,8 +225,7 @@ def _untrained_accuracy(model_dir: Path, names: list[str], rows: list[dict], qua
 
     from qlora_lite.data.labels import LabelMapping
     from qlora_lite.inference.classification import Classifier
-    from qlora_lite.model.loading import load_tokenizer
-    from qlora_lite.training.classifier import load_classification_base
+    from qlora_lite.model.loading import load_classification_base, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
     mapping = LabelMapping(tuple(names))

@@ -11,8 +11,8 @@ from typing import Any
 from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.demo.task import is_correct, make_dataset, prompt_for
 from qlora_lite.inference.generation import Generator
+from qlora_lite.training.api import train
 from qlora_lite.training.record import write_json_atomic
-from qlora_lite.training.run import train
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from qlora_lite.options import OPTIONS
 from qlora_lite.run_files import RUN_RECORD
 
 REPO_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -83,6 +84,19 @@ def _rows(pairs: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def setting_rows(record: dict) -> list[tuple[str, Any]]:
+    """One row per option declared with a `card` label: the plan's value for planner knobs, else the setting."""
+    plan, hp, lora = (record.get(key) or {} for key in ("plan", "hyperparameters", "lora"))
+    rows = []
+    for option in OPTIONS:
+        if option.card:
+            value = plan.get(option.name, hp.get(option.name))
+            if value is None:  # e.g. lora_alpha None: the record's "lora" holds what was used
+                value = lora.get(option.name.removeprefix("lora_"))
+            rows.append((option.card, value))
+    return rows
+
+
 def render_model_card(
     run_dir: str | os.PathLike,
     repo_id: str,
@@ -98,8 +112,7 @@ def render_model_card(
     record = json.loads((folder / RUN_RECORD).read_text())
     base_id = base_model or base_hub_id(record)
     quant = record.get("quantization") or {}
-    lora, plan, data = record.get("lora") or {}, record.get("plan") or {}, record.get("data") or {}
-    metrics, hp = record.get("metrics") or {}, record.get("hyperparameters") or {}
+    plan, data, metrics = record.get("plan") or {}, record.get("data") or {}, record.get("metrics") or {}
     peft = record.get("peft") or {"method": "lora", "description": "LoRA"}
     method_tag = {"lora": "dora" if peft.get("lora_method") == "dora" else "lora"}.get(
         peft.get("method", "lora"), str(peft.get("method", "lora")).replace("_", "-")
@@ -123,27 +136,19 @@ def render_model_card(
     revision = (record.get("base_model") or {}).get("revision")
     setup = _rows([
         ("base model", base_text + (f" @ `{revision}`" if revision else "")),
-        ("quantization", f"{quant.get('method')} (double quant {quant.get('double_quant')}), compute "
-         f"{quant.get('compute_dtype')}" if quant.get("method") != "none" else f"none, {quant.get('compute_dtype')}"),
         ("PEFT method", peft.get("description")),
-        ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
-         f"targets {lora.get('target_modules')}" if peft.get("method", "lora") == "lora" else None),
         ("hardware", _hardware_text(record.get("hardware") or {})),
         ("data", f"{data.get('format')} format, {data.get('records')} records ({data.get('train_examples')} "
          f"train / {data.get('eval_examples')} eval), {data.get('truncated_examples', 0)} truncated"),
         ("data fingerprint", f"`{str(data.get('fingerprint', ''))[:16]}`" if data.get("fingerprint") else None),
         ("steps", metrics.get("steps")),
-        ("learning rate", f"{hp.get('learning_rate')} ({hp.get('lr_scheduler')})" if hp.get("learning_rate") else None),
         ("time", _duration(metrics.get("seconds"))),
         ("throughput", f"{metrics['tokens_per_second']:.0f} tokens/s" if metrics.get("tokens_per_second") else None),
     ])  # fmt: skip
     plan_table = _rows([
         ("micro-batch x accumulation", f"{plan.get('micro_batch_size')} x {plan.get('gradient_accumulation_steps')}"
          f" = {plan.get('effective_batch_size')}"),
-        ("max sequence length", plan.get("max_seq_length")),
-        ("gradient checkpointing", plan.get("gradient_checkpointing")),
-        ("optimizer", plan.get("optimizer")),
-        ("attention", plan.get("attn_implementation")),
+        *setting_rows(record),
         ("predicted peak memory", _size(plan.get("peak_memory_bytes")) if plan.get("peak_memory_bytes") else None),
     ])  # fmt: skip
     metric_table = _rows([
@@ -164,7 +169,7 @@ A {peft.get("description", "LoRA")} adapter for {base_text}, trained with qlora_
 
 {setup}
 
-### Plan
+### Settings and plan
 
 {plan_table}
 

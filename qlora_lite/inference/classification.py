@@ -11,10 +11,11 @@ import torch
 from qlora_lite.data import labels as cdata
 from qlora_lite.data.labels import ClassifierExample
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import base_model_of, load_tokenizer, read_run_record
+from qlora_lite.model.loading import base_model_of, load_classification_base, load_tokenizer, read_run_record
 from qlora_lite.model.source import resolve_model_source
-from qlora_lite.training.classifier import LABELS_FILE, load_classification_base, predict_logits
+from qlora_lite.run_files import LABELS_FILE
 from qlora_lite.training.record import RUN_RECORD
+from qlora_lite.training.task_classifier import predict_logits
 
 
 class Classifier:

@@ -39,6 +39,28 @@ def resolve_model(model: str | os.PathLike) -> str:
     return resolve_model_source(model).name
 
 
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.gguf",
+    "*.safetensors.index.json",
+    "*.bin.index.json",
+)
+
+
+def check_has_weights(model_path: str) -> None:
+    """A local model folder must hold weights to train (a config.json alone is enough to plan, not to train)."""
+    path = Path(model_path)
+    if path.is_dir() and not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise UserError(
+            f"model folder {path} has a config.json but no weights (model.safetensors or pytorch_model.bin): "
+            "download the whole model into it (e.g. `hf download <repo> --local-dir "
+            f"{path}`) or give its Hub id"
+        )
+
+
 def quantization_config(quantization: str, double_quant: bool, compute_dtype: str):
     """The bitsandbytes config for the base weights, or None for a 16/32-bit base."""
     from transformers import BitsAndBytesConfig
@@ -156,6 +178,31 @@ def attach_lora(
     # PiSSA/OLoRA changed the base: keep the initial adapter to save a plain LoRA on the original base.
     peft_model.qlora_lite_initial_adapter = initial_adapter(peft_model, settings)
     return peft_model
+
+
+def load_classification_base(
+    model_path: str,
+    *,
+    quantization: str,
+    double_quant: bool,
+    compute_dtype: str,
+    accelerator: str,
+    attn_implementation: str | None = "sdpa",
+    revision: str | None = None,
+    **config_kwargs: Any,
+):
+    """`load_base_model` for a classifier (the head stays out of 4/8-bit there)."""
+    return load_base_model(
+        model_path,
+        revision=revision,
+        quantization=quantization,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        accelerator=accelerator,
+        attn_implementation=attn_implementation,
+        task="classification",
+        **config_kwargs,
+    )
 
 
 def load_tokenizer(model: str | ModelSource, revision: str | None = None):

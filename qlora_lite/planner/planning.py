@@ -14,6 +14,7 @@ from typing import Any
 
 from qlora_lite.errors import UserError
 from qlora_lite.model.peft_methods import PeftSettings
+from qlora_lite.options import BY_NAME, PLANNER_KNOBS, problems
 from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-exported)
     DEFAULT_SEQ_LEN,
     MAX_CHECKPOINT_INTERVAL_S,
@@ -27,40 +28,22 @@ from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-export
 )
 from qlora_lite.planner.hardware import HardwareProfile, format_bytes
 from qlora_lite.planner.memory import (
-    ATTENTION,
-    COMPUTE_DTYPES,
-    OPTIMIZER_STATE_BYTES,
-    QUANTIZATIONS,
     TASKS,
     ModelShape,
     estimate_memory,
     model_shape,
 )
+from qlora_lite.planner.profiles import profile_with_budget, resolve_hardware
 
 DEFAULT_EFFECTIVE_BATCH = 16
 # Fraction of usable memory a plan may fill: the allocator fragments on CUDA; the estimate is +-5% on CPU.
 HEADROOM = {"cuda": 0.95, "cpu": 0.90, "mps": 0.85}
 
-KNOBS = {
-    "quantization": QUANTIZATIONS,
-    "double_quant": (True, False),
-    "compute_dtype": tuple(COMPUTE_DTYPES),
-    "micro_batch_size": int,
-    "gradient_accumulation_steps": int,
-    "effective_batch_size": int,
-    "max_seq_length": int,
-    "gradient_checkpointing": (True, False),
-    "optimizer": tuple(OPTIMIZER_STATE_BYTES),
-    "attn_implementation": ATTENTION,
-    "lora_r": int,
-    "lora_target_modules": None,  # 'all-linear' or a list of names, checked against the model
-    "task": TASKS,
-    "max_memory": None,  # a size, checked by parse_size
-    "num_labels": int,
-    "peft": None,  # a PeftSettings (or its record): the PEFT method and its options, checked by the registry
-    "world_size": int,  # processes training together (torchrun / accelerate launch); each plans for its device
-    "fsdp": (True, False),  # shard weights, LoRA and optimizer over the processes instead of replicating
-}
+# The knobs plan() accepts: the options declared `planner=True` (qlora_lite.options), plus inputs that are not
+# options themselves: the task's head, the PEFT method (a PeftSettings made from the PEFT options), and how
+# many processes train together (torchrun decides it).
+INPUT_KNOBS = ("task", "num_labels", "peft", "world_size", "fsdp")
+KNOBS = (*PLANNER_KNOBS, *INPUT_KNOBS)
 
 
 @dataclass(frozen=True)
@@ -206,36 +189,39 @@ class Plan:
         return "\n".join(lines)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _validate(fixed: dict[str, Any]) -> None:
-    for key, value in fixed.items():
+    for key in fixed:
         if key not in KNOBS:
             raise UserError(f"unknown planning knob {key!r}: known knobs are {', '.join(KNOBS)}")
-        allowed = KNOBS[key]
-        if allowed is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{key} must be a positive integer, got {value!r}")
-        elif isinstance(allowed, tuple) and value not in allowed:
-            raise UserError(f"{key} {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _hardware(hardware: HardwareProfile | str | None, max_memory: Any) -> HardwareProfile:
-    from qlora_lite.planner.profiles import get_profile, profile_with_budget
-
-    if hardware is None:
-        from qlora_lite.planner.hardware import detect
-
-        hardware = detect()
-    elif isinstance(hardware, str):
-        hardware = get_profile(hardware)
-    if max_memory is not None:
-        hardware = profile_with_budget(max_memory, hardware)
-    return hardware
+    problem = problems({k: v for k, v in fixed.items() if k in BY_NAME})
+    if fixed.get("task", "causal_lm") not in TASKS:
+        problem.append(f"task must be one of {', '.join(TASKS)} (got {fixed['task']!r})")
+    for key in ("num_labels", "world_size"):
+        if fixed.get(key) is not None and not _positive_int(fixed[key]):
+            problem.append(f"{key} must be a positive integer (got {fixed[key]!r})")
+    if fixed.get("fsdp") not in (None, True, False):
+        problem.append(f"fsdp must be True or False (got {fixed['fsdp']!r})")
+    if problem:
+        raise UserError("; ".join(problem))
 
 
 def plan(
     model: Any, data: Sequence[int] | None = None, hardware: HardwareProfile | str | None = None, **fixed: Any
 ) -> Plan:
-    """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine)."""
+    """Fill every knob the user did not fix so that the run fits `hardware` (None: this machine).
+
+    The entry point for users: `hardware` may be a profile name or None (detect); everything after that is
+    `make_plan`, a pure function of the model, a hardware profile, the data lengths and the fixed knobs.
+    """
+    return make_plan(model, data, resolve_hardware(hardware), **fixed)
+
+
+def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile, **fixed: Any) -> Plan:
+    """`plan()` for a resolved hardware profile: reads the model's config.json, touches nothing else."""
     _validate(fixed)
     peft = PeftSettings.checked(fixed.get("peft"))
     shape = (
@@ -243,7 +229,13 @@ def plan(
         if isinstance(model, ModelShape)
         else model_shape(os.fspath(model) if isinstance(model, os.PathLike) else model)
     )
-    hw = _hardware(hardware, fixed.get("max_memory"))
+    if not isinstance(hardware, HardwareProfile):
+        raise TypeError(f"make_plan needs a HardwareProfile (resolve_hardware makes one), got {hardware!r}")
+    hw = (
+        profile_with_budget(fixed["max_memory"], hardware)
+        if fixed.get("max_memory") is not None
+        else hardware
+    )
     device = "cuda" if hw.accelerator == "cuda" else "cpu"
     usable = hw.usable_memory_bytes
     target = int(usable * HEADROOM.get(hw.accelerator, 0.9))

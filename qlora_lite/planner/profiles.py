@@ -7,11 +7,12 @@ marketing size) as `usable_memory_override_bytes`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import replace
 
 from qlora_lite.errors import UserError
-from qlora_lite.planner.hardware import GpuInfo, HardwareProfile
+from qlora_lite.planner.hardware import GpuInfo, HardwareProfile, detect
 
 GIB = 1024**3
 
@@ -112,12 +113,21 @@ def get_profile(name: str) -> HardwareProfile:
 
 def profile_with_budget(max_memory: str | int, base: HardwareProfile | str | None = None) -> HardwareProfile:
     """`base` (a profile, a name, or the detected machine) with its usable memory capped at `max_memory`."""
-    if base is None:
-        from qlora_lite.planner.hardware import detect
-
-        base = detect()
-    elif isinstance(base, str):
-        base = get_profile(base)
+    base = resolve_hardware(base)
     budget = parse_size(max_memory)
     name = f"{base.name} (budget {budget / GIB:.2f} GiB)"
     return replace(base, usable_memory_override_bytes=budget, name=name)
+
+
+def resolve_hardware(
+    hardware: HardwareProfile | str | None, where: str | os.PathLike | None = None
+) -> HardwareProfile:
+    """The one place a run's hardware is decided, before planning: a profile as is, a profile name
+    ("t4", "a100-80gb", "cpu"), or None: this machine, with the free disk measured at `where`."""
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    if not hardware:
+        return detect(where)
+    if isinstance(hardware, str):
+        return get_profile(hardware)
+    raise UserError(f"hardware must be a profile name like 't4' or a HardwareProfile, got {hardware!r}")

@@ -15,16 +15,29 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from qlora_lite.data.encoding import Example
+from qlora_lite.data.encoding import IGNORE_INDEX  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 T = TypeVar("T")
+
+
+class Objective(Protocol):
+    """What a task's loss needs from the loop: how to batch its examples and how to score a micro-batch.
+
+    `loss` returns the micro-batch's summed loss divided by `denominator`, the normaliser of the whole
+    optimizer step, so that the gradient of a step does not depend on how it is split into micro-batches.
+    """
+
+    def collate(self, batch: Sequence[Any], pad_token_id: int, device: torch.device | str) -> dict: ...
+
+    def denominator(self, batch: Sequence[Any]) -> float: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict, denominator: float) -> torch.Tensor: ...
 
 
 @dataclass
@@ -60,36 +73,11 @@ def step_examples(step: int, n_examples: int, effective_batch_size: int, seed: i
 
 
 def split_micro_batches(
-    indices: Sequence[int], examples: Sequence[Example], micro_batch_size: int
+    indices: Sequence[int], examples: Sequence[Any], micro_batch_size: int
 ) -> list[list[int]]:
     """Cut one step's examples into micro-batches of similar length (less padding); deterministic."""
     by_length = sorted(indices, key=lambda i: (len(examples[i].input_ids), i))
     return [by_length[i : i + micro_batch_size] for i in range(0, len(by_length), micro_batch_size)]
-
-
-def collate(
-    batch: Sequence[Example], pad_token_id: int, device: torch.device | str
-) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of the micro-batch."""
-    width = max(len(e.input_ids) for e in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, example in enumerate(batch):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    return {
-        "input_ids": input_ids.to(device),
-        "labels": labels.to(device),
-        "attention_mask": attention_mask.to(device),
-    }
-
-
-def supervised_tokens(example: Example) -> int:
-    """Tokens that carry loss after the causal shift (the first position never has a target)."""
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -104,14 +92,18 @@ class OutOfMemoryAtMicroBatchOne(RuntimeError):
 
 @dataclass
 class StepRunner:
-    """Runs one optimizer step over a fixed set of examples, backing off on out-of-memory errors."""
+    """Runs one optimizer step over a fixed set of examples, backing off on out-of-memory errors.
+
+    The task's `objective` says how examples become a batch and a loss.
+    """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    examples: Sequence[Example]
+    examples: Sequence[Any]
     pad_token_id: int
     device: torch.device | str
+    objective: Objective
     max_grad_norm: float | None = 1.0
     autocast_dtype: torch.dtype | None = None
     grad_scaler: torch.amp.GradScaler | None = None
@@ -120,14 +112,17 @@ class StepRunner:
     # `reduce(loss, optimizer)` sums gradients and loss over the ranks. None: one process.
     data_parallel: Any = None
 
-    def _forward_backward(self, indices: Sequence[int], micro_batch_size: int, denominator: int) -> float:
+    def _forward_backward(
+        self, indices: Sequence[int], micro_batch_size: int, denominator: float | None = None
+    ) -> float:
+        if denominator is None:
+            denominator = self.objective.denominator([self.examples[i] for i in indices])
         total = 0.0
         for micro in split_micro_batches(indices, self.examples, micro_batch_size):
-            batch = collate([self.examples[i] for i in micro], self.pad_token_id, self.device)
-            num_items = torch.tensor(denominator, device=self.device)
+            batch = self.objective.collate([self.examples[i] for i in micro], self.pad_token_id, self.device)
             with autocast(self.device, self.autocast_dtype):
-                # Sum of token losses / supervised tokens of the whole step: the split does not matter.
-                loss = self.model(**batch, num_items_in_batch=num_items).loss
+                # The micro-batch's loss sum / the whole step's normaliser: the split does not matter.
+                loss = self.objective.loss(self.model, batch, denominator)
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
             total += float(loss.detach())
         return total
@@ -138,7 +133,7 @@ class StepRunner:
         On out-of-memory: drop the partial gradients, restore the RNG as it was at the start of the step,
         halve the micro-batch (accumulation doubles implicitly) and redo the same step.
         """
-        denominator = max(1, sum(supervised_tokens(self.examples[i]) for i in indices))
+        denominator = self.objective.denominator([self.examples[i] for i in indices])
         sharded = self.data_parallel is not None and apply  # the probe (apply=False) stays local
         if sharded:
             indices = self.data_parallel.local(indices, state.step)
@@ -194,26 +189,6 @@ class StepRunner:
         return loss
 
 
-@torch.no_grad()
-def evaluate_loss(
-    model: torch.nn.Module,
-    examples: Sequence[Example],
-    pad_token_id: int,
-    device: torch.device | str,
-    micro_batch_size: int,
-    autocast_dtype: torch.dtype | None = None,
-) -> float | None:
-    """Mean token loss on held-out examples (token-weighted, like training); halves its batch on OOM."""
-    if not examples:
-        return None
-    return eval_halving_batch_on_oom(
-        model,
-        micro_batch_size,
-        lambda size: _eval_pass(model, examples, pad_token_id, device, size, autocast_dtype),
-        "evaluation",
-    )
-
-
 def eval_halving_batch_on_oom(
     model: torch.nn.Module, batch_size: int, run_pass: Callable[[int], T], what: str
 ) -> T:
@@ -238,20 +213,6 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
     return torch.autocast(
         device_type=torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None
     )
-
-
-def _eval_pass(model, examples, pad_token_id, device, micro_batch_size, autocast_dtype) -> float | None:
-    total, count = 0.0, 0
-    for micro in split_micro_batches(range(len(examples)), examples, micro_batch_size):
-        batch = collate([examples[i] for i in micro], pad_token_id, device)
-        n = sum(supervised_tokens(examples[i]) for i in micro)
-        if n == 0:
-            continue
-        with autocast(device, autocast_dtype):
-            loss = model(**batch, num_items_in_batch=torch.tensor(n, device=device)).loss
-        total += float(loss) * n
-        count += n
-    return total / count if count else None
 
 
 class Throughput:

@@ -1,45 +1,36 @@
-"""`train()`: check the output -> plan -> load -> resume or start -> probe -> loop -> save.
+"""The one trainer: `run(config, task)` for every task (causal LM, classifier).
 
-Each stage lives in its own module; this one only wires them together.
+check the data -> output folder -> hardware -> finished already? -> checkpoint store -> plan -> encode ->
+model + LoRA -> resume or start -> probe -> loop with checkpoints -> save -> the task's finish -> record -> push.
+What differs between tasks goes through the task interface (qlora_lite.training.tasks); each stage lives in its
+own module and this one wires them together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
+from qlora_lite.checkpoint.resume import Checkpointer, run_identity
 from qlora_lite.checkpoint.store import CheckpointInfo
-from qlora_lite.config import TrainConfig, make_config
-from qlora_lite.data import encoding as encode_mod
-from qlora_lite.data import formats as data_mod
-from qlora_lite.data.hub_dataset import HubDataset, pin_data_source
-from qlora_lite.data.templates import apply_chat_template_choice, end_of_turn, generation_config_for
+from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import (
-    attach_lora,
-    load_base_model,
-    load_tokenizer,
-    torch_dtype,
-)
+from qlora_lite.model.loading import attach_lora, check_has_weights, load_tokenizer, torch_dtype
 from qlora_lite.model.peft_init import save_adapter
 from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.model.source import resolve_model_source
-from qlora_lite.planner.hardware import HardwareProfile, detect
+from qlora_lite.options import KEPT_ON_RESUME
+from qlora_lite.planner.hardware import HardwareProfile
+from qlora_lite.planner.planning import Plan, make_plan
+from qlora_lite.planner.profiles import resolve_hardware
 from qlora_lite.training import distributed as dp
-from qlora_lite.training.loop import (
-    StepRunner,
-    Throughput,
-    evaluate_loss,
-    step_examples,
-    steps_per_epoch,
-)
+from qlora_lite.training.loop import StepRunner, Throughput, step_examples, steps_per_epoch
 from qlora_lite.training.record import (
     LOSS_PLOT,
     RUN_CONFIG,
@@ -51,117 +42,50 @@ from qlora_lite.training.record import (
     write_json_atomic,
 )
 from qlora_lite.training.setup import (
+    RunFolder,
+    checkpoint_metadata,
     finished_record,
-    open_checkpoint_store,
-    prepare_output_dir,
+    make_grad_scaler,
     probe_train_and_checkpoint,
+    resume_point,
     run_metrics,
     seed_everything,
     start_or_restore,
 )
+from qlora_lite.training.tasks import PreparedData, Task, TrainResult  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-# Planner knobs a resumed run keeps from its checkpoint (micro-batch/accumulation may be re-split).
-KEPT_ON_RESUME = (
-    "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",
-    "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules", "peft",
-)  # fmt: skip
 
-
-@dataclass(frozen=True)
-class TrainResult:
-    output_dir: Path
-    adapter_dir: Path
-    run_record: Path
-    loss_plot: Path | None
-    metrics: dict[str, Any]
-    plan: Any = field(repr=False)
-    resumed_from_step: int | None = None
-
-
-@dataclass
-class PreparedData:
-    spec: Any
-    fingerprint: str
-    train: list
-    eval: list
-    stats: Any
-    n_records: int
-    eval_conversations: list = field(default_factory=list)
-    router_sample: list = field(default_factory=list)  # training prompts kept in the record for routing
-
-
-def show_progress_messages() -> None:
-    """Make the plan and progress messages visible in a notebook or script that configured no logging.
-
-    Nothing changes when the application (the CLI, pytest, the user) has set up logging itself.
-    """
-    package = logging.getLogger("qlora_lite")
-    if logging.getLogger().handlers or package.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    package.addHandler(handler)
-    if package.level == logging.NOTSET:
-        package.setLevel(logging.INFO)
-
-
-def train(model: str, data: Any, output_dir: str, **overrides: Any) -> TrainResult:
-    """Fine-tune `model` on `data` with LoRA/QLoRA and save the adapter in `output_dir`.
-
-    `overrides` are TrainConfig fields (e.g. max_steps=60, learning_rate=1e-4, micro_batch_size=4);
-    planner knobs left unset are chosen by the planner, which prints why. Re-running the same call after
-    an interruption resumes from the newest verified checkpoint.
-    """
-    show_progress_messages()
-    return run(make_config(model, data, output_dir, **overrides))
-
-
-def prepare_data(config: TrainConfig, tokenizer, max_seq_length: int | None, records, spec) -> PreparedData:
-    """Split and encode already loaded records (the file is read once per run, in `run`)."""
-    conversations = data_mod.to_conversations(records, spec)
-    train_items, eval_items = data_mod.split_train_eval(conversations, config.eval_fraction, seed=config.seed)
-    train_examples, stats = encode_mod.encode_dataset(
-        train_items, tokenizer, max_seq_length, train_on=config.train_on
-    )
-    eval_examples, _ = encode_mod.encode_dataset(
-        eval_items, tokenizer, max_seq_length, train_on=config.train_on
-    )
-    fingerprint = data_mod.fingerprint(records, spec)
-    sample = data_mod.prompt_sample(train_items)
-    return PreparedData(
-        spec, fingerprint, train_examples, eval_examples, stats, len(records), eval_items, sample
-    )
-
-
-def _plan(
+def plan_run(
     model_path: Any,
     lengths: list[int],
     hardware: HardwareProfile,
     config: TrainConfig,
     saved: dict | None,
+    task_knobs: dict[str, Any],
     world_size: int = 1,
-):
-    from qlora_lite.planner.planning import plan as make_plan
-
-    fixed = {**config.fixed_knobs(), "world_size": world_size}
+) -> Plan:
+    """The plan of this run; a resumed run keeps its saved plan (only the micro-batch split may change)."""
+    inputs = {**task_knobs, "world_size": world_size}
+    fixed = {**config.fixed_knobs(), **inputs}
     if saved is not None:
-        # A resumed run keeps its plan; only the micro-batch split may change if this machine is smaller.
-        kept = {k: saved[k] for k in KEPT_ON_RESUME if k in saved}
+        kept = {
+            k: saved[k] for k in (*KEPT_ON_RESUME, "peft") if k in saved
+        }  # and the PEFT method as planned
         if isinstance(kept.get("lora_target_modules"), list):
             kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
-        fixed = {**{k: v for k, v in fixed.items() if k in ("max_memory", "world_size")}, **kept}
+        fixed = {**{k: v for k, v in fixed.items() if k == "max_memory"}, **kept, **inputs}
         the_plan = make_plan(
-            model_path, data=lengths, hardware=hardware, micro_batch_size=saved["micro_batch_size"], **fixed
+            model_path, lengths, hardware, **{**fixed, "micro_batch_size": saved["micro_batch_size"]}
         )
         if not the_plan.fits:
             log.warning(
                 "the saved micro-batch %d does not fit here: re-planning the split", saved["micro_batch_size"]
             )
-            the_plan = make_plan(model_path, data=lengths, hardware=hardware, **fixed)
+            the_plan = make_plan(model_path, lengths, hardware, **fixed)
     else:
-        the_plan = make_plan(model_path, data=lengths, hardware=hardware, **fixed)
+        the_plan = make_plan(model_path, lengths, hardware, **fixed)
     log.info("plan:\n%s", the_plan.explain())
     if not the_plan.fits:
         nearest = f"; nearest plan that fits: {the_plan.nearest_fit}" if the_plan.nearest_fit else ""
@@ -171,93 +95,77 @@ def _plan(
     return the_plan
 
 
-def run(config: TrainConfig) -> TrainResult:
-    """One run; under torchrun / accelerate launch, this process's rank of it (see training/distributed.py)."""
+def run(config: TrainConfig, task: Task) -> TrainResult:
+    """Train `task` as `config` says, resuming from the newest verified checkpoint of the same run.
+
+    Under torchrun / accelerate launch, this is this process's rank of the run (training/distributed.py)."""
     ranks, started_group = dp.init_ranks()
     try:
-        return _run(config, ranks)
+        if ranks.active and not task.distributed:
+            raise UserError(f"the {task.name} task trains in one process: start it without torchrun/--gpus")
+        with contextlib.ExitStack() as cleanup:  # the run folder's lock and checkpoint store, always released
+            return _run(config, task, ranks, cleanup)
     finally:
         dp.close_ranks(started_group)
 
 
-def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
-    data_source = pin_data_source(
-        config.data, config.data_config, config.data_split
-    )  # a Hub data set: pinned to its commit before reading
-    records, spec = data_mod.load_dataset_for_training(
-        data_source, format=config.format, columns=config.columns
-    )
-    if spec.task == "classification":  # labelled texts go to the classifier trainer
-        if ranks.active:
-            raise UserError("the classifier trains in one process: start it without torchrun/--gpus")
-        from qlora_lite.training.classifier import run_classifier
-
-        return run_classifier(config)
+def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.ExitStack) -> TrainResult:
     started = time.time()
-    # Rank 0 alone writes the run folder; the others wait until it is ready.
-    out = prepare_output_dir(config) if ranks.is_main else Path(config.output_dir).expanduser()
-    dp.barrier(ranks)
-    hardware = config.hardware if isinstance(config.hardware, HardwareProfile) else None
-    if hardware is None:
-        from qlora_lite.planner.profiles import get_profile
-
-        hardware = get_profile(config.hardware) if config.hardware else detect(out)
-    hardware = dp.rank_hardware(hardware, ranks)  # each rank plans for its own device
+    data = task.read(config)  # every data problem is reported before a file is written
     source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
-    model_path = source.name
+    check_has_weights(source.name)  # a local folder with a config.json alone cannot train
     tokenizer = load_tokenizer(source)
-    template = apply_chat_template_choice(tokenizer, config.chat_template)
-
-    unbounded = prepare_data(config, tokenizer, None, records, spec)
-    identity = run_identity(config, model_identity(source), unbounded.fingerprint)
+    identity = {**run_identity(config, model_identity(source), data.fingerprint), **data.identity}
+    # Rank 0 alone writes the run folder, locked against a second process; the others wait until it is ready.
+    folder = cleanup.enter_context(RunFolder(config, main=ranks.is_main, task_files=task.files))
+    out = folder.path
+    dp.barrier(ranks)
+    hardware = dp.rank_hardware(
+        resolve_hardware(config.hardware, out), ranks
+    )  # each rank plans for its device
     finished = dp.from_main(finished_record(out, identity) if ranks.is_main else None, ranks)
     if finished is not None:
         log.info(
             "%s already holds this run, finished at step %d: nothing to do", out, finished["metrics"]["steps"]
         )
         plot = out / LOSS_PLOT
-        return TrainResult(
-            out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"]
-        )
+        return task.result_type(
+            out, out, out / RUN_RECORD, plot if plot.exists() else None, finished["metrics"], finished["plan"],
+            **task.result_fields(out, finished),
+        )  # fmt: skip
 
-    store = open_checkpoint_store(config, out) if ranks.is_main else dp.FollowerStore()
-    latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
-    if latest is not None:
-        check_same_run(latest, identity, force=config.resume == "force")
+    store = folder.open_store() if ranks.is_main else dp.FollowerStore()
+    latest: CheckpointInfo | None = (
+        resume_point(config, store, identity, task.check_checkpoint) if ranks.is_main else None
+    )
+    run_config = {**config.to_record(), **data.run_config}
     if ranks.is_main:
-        write_json_atomic(out / RUN_CONFIG, config.to_record())
+        write_json_atomic(out / RUN_CONFIG, run_config)
     latest, reader = dp.share_latest(store, latest, ranks)
 
+    lengths = task.prepare(tokenizer, None).lengths
     saved_plan = latest.metadata.get("plan") if latest else None
     # Rank 0 plans; the others keep its choices and fit only their micro-batch to their own device.
     saved_plan = saved_plan if ranks.is_main else dp.from_main(None, ranks)
-    the_plan = _plan(source, unbounded.stats.lengths, hardware, config, saved_plan, ranks.world_size)
+    the_plan = plan_run(source, lengths, hardware, config, saved_plan, task.plan_knobs(), ranks.world_size)
     if ranks.is_main:
         dp.from_main(the_plan.to_dict(), ranks)
     dp.check_world_size(
         the_plan.effective_batch_size, ranks, latest.metadata.get("world_size", 1) if latest else None,
         config.lora_dropout,
     )  # fmt: skip
-    prepared = prepare_data(config, tokenizer, the_plan.max_seq_length, records, spec)
+    prepared = task.prepare(tokenizer, the_plan.max_seq_length)
 
     seed_everything(config.seed)
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     device = (
         torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
     )
-    base = load_base_model(
-        model_path,
-        revision=source.revision,  # the commit the plan and the run identity name
-        quantization=the_plan.quantization,
-        double_quant=the_plan.double_quant,
-        compute_dtype=the_plan.compute_dtype,
-        accelerator=accelerator,
-        attn_implementation=the_plan.attn_implementation,
-    )
+    base, attach_kwargs = task.load_model(source, the_plan, accelerator, tokenizer)
     lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
     model = attach_lora(
-        base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, model_path=model_path,
-        quantization=the_plan.quantization,
+        base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, model_path=source.name,
+        quantization=the_plan.quantization, **attach_kwargs,
     )  # fmt: skip
     model.train()
     for callback in config.callbacks:
@@ -267,20 +175,17 @@ def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(prepared.train), the_plan.effective_batch_size))
     )
+    grad_scaler = make_grad_scaler(device, the_plan.compute_dtype)
     optimizer, scheduler, state = start_or_restore(
-        config, the_plan, model, total_steps, reader, latest, out if ranks.is_main else None
+        config, the_plan, model, total_steps, reader, latest, out if ranks.is_main else None, grad_scaler
     )
     dp.broadcast_parameters(model, ranks)
-
-    autocast_dtype = (
-        None
-        if device.type == "cpu" or the_plan.compute_dtype == "fp32"
-        else torch_dtype(the_plan.compute_dtype)
-    )
+    half = device.type != "cpu" and the_plan.compute_dtype != "fp32"
     runner = StepRunner(
         model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
-        max_grad_norm=config.max_grad_norm, autocast_dtype=autocast_dtype,
-        grad_scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" and the_plan.compute_dtype == "fp16" else None,
+        objective=task.objective(device), max_grad_norm=config.max_grad_norm,
+        autocast_dtype=torch_dtype(the_plan.compute_dtype) if half else None,
+        grad_scaler=grad_scaler,
         data_parallel=dp.DataParallel(ranks, [len(e.input_ids) for e in prepared.train], config.seed) if ranks.active else None,
     )  # fmt: skip
     every_seconds = (
@@ -288,54 +193,39 @@ def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
     )
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None), "world_size": ranks.world_size},
-        every_seconds=every_seconds, every_steps=config.save_every_steps,
+        metadata={**checkpoint_metadata(identity, the_plan, store, run_config), "world_size": ranks.world_size},
+        every_seconds=every_seconds, every_steps=config.save_every_steps, grad_scaler=grad_scaler,
     )  # fmt: skip
     if ranks.active:
         checkpointer = dp.MainRankCheckpointer(checkpointer, ranks)
     eval_every = config.eval_every or max(1, total_steps // 5)
+    log_to = out if ranks.is_main else None  # ranks other than 0 neither log, evaluate nor show progress
     train_seconds = probe_train_and_checkpoint(
-        runner,
-        state,
-        prepared.train,
-        checkpointer,
-        store,
-        lambda: _run_steps(
-            config, out if ranks.is_main else None, prepared, runner, checkpointer, state, total_steps,
-            the_plan.effective_batch_size, eval_every, tokenizer,
-        ),
+        runner, state, prepared.train, checkpointer, store,
+        lambda: run_steps(task, config, log_to, prepared, runner, checkpointer, state, total_steps, the_plan, eval_every),
     )  # fmt: skip
 
+    metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
     if not ranks.is_main:
         dp.barrier(ranks)  # rank 0 writes the adapter, the record and pushes
-        metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
-        return TrainResult(
+        return task.result_type(
             out, out, out / RUN_RECORD, None, metrics, the_plan, latest.step if latest else None
         )
-    save_adapter(model, out, model.qlora_lite_initial_adapter)
+    save_adapter(model, out, model.qlora_lite_initial_adapter)  # PiSSA/OLoRA: as plain LoRA on the base
     tokenizer.save_pretrained(out)
-    generation_config_for(model, tokenizer).save_pretrained(out)  # stop at the learned end-of-turn too
-    generations = None
-    if config.eval_generations or config.sample_generations:
-        from qlora_lite.training.generation_eval import before_after
-
-        generations = before_after(
-            model, tokenizer, prepared.eval_conversations, config.eval_generations, config.sample_generations
-        )
-    metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
-    if generations and "after" in generations:
-        metrics["exact_match"] = generations["after"]["exact_match"]
-        metrics["contains_match"] = generations["after"]["contains_match"]
-    plot = plot_loss(state.history, state.eval_history, out / LOSS_PLOT, title=f"{source.display_name} LoRA")
+    finish = task.finish(model, tokenizer, prepared, runner, state, out)
+    for name in finish.drop_metrics:
+        metrics.pop(name, None)
+    metrics.update(finish.metrics)
+    plot = plot_loss(
+        state.history, state.eval_history, out / LOSS_PLOT, title=f"{source.display_name} {task.title}"
+    )
     record = build_run_record(
         config=config, model_path=source, plan=the_plan, lora=lora, prepared=prepared, identity=identity,
         total_steps=total_steps, eval_every=eval_every, metrics=metrics, state=state, hardware=hardware,
     )  # fmt: skip
-    record["generation_eval"] = generations
-    record["world_size"] = ranks.world_size
-    record["chat_template"] = {"template": template, "end_of_turn": end_of_turn(tokenizer)}
-    if isinstance(data_source, HubDataset):
-        record["data"].update(data_source.describe())  # the id and the commit the records came from
+    record.update(finish.record, world_size=ranks.world_size)
+    record["data"].update(data.record)  # e.g. a Hub data set's id and the commit the records came from
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
     if config.push_to_hub:
@@ -344,20 +234,23 @@ def _run(config: TrainConfig, ranks: dp.Ranks) -> TrainResult:
         pushed = push(out, config.push_to_hub, private=config.hub_private)
         log.info("pushed to %s", pushed.commit_url)
     dp.barrier(ranks)
-    return TrainResult(out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None)
+    return task.result_type(
+        out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None,
+        **task.result_fields(out, record),
+    )  # fmt: skip
 
 
-def _run_steps(
-    config,
-    out,
-    prepared,
-    runner,
-    checkpointer,
+def run_steps(
+    task: Task,
+    config: TrainConfig,
+    out: Path | None,
+    prepared: PreparedData,
+    runner: StepRunner,
+    checkpointer: Checkpointer,
     state,
-    total_steps,
-    effective_batch_size,
-    eval_every,
-    tokenizer,
+    total_steps: int,
+    the_plan: Plan,
+    eval_every: int,
 ) -> None:
     """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar.
 
@@ -377,7 +270,9 @@ def _run_steps(
     with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("qlora_lite")]):
         try:
             while state.step < total_steps:
-                indices = step_examples(state.step, len(prepared.train), effective_batch_size, config.seed)
+                indices = step_examples(
+                    state.step, len(prepared.train), the_plan.effective_batch_size, config.seed
+                )
                 t0 = time.perf_counter()
                 loss = runner.run(indices, state)
                 seconds = time.perf_counter() - t0
@@ -387,34 +282,20 @@ def _run_steps(
                 state.tokens_seen += tokens
                 throughput.add(tokens)
                 row = {
-                    "step": state.step,
-                    "loss": round(loss, 6),
-                    "learning_rate": runner.scheduler.get_last_lr()[0],
-                    "examples_seen": state.examples_seen,
-                    "tokens_seen": state.tokens_seen,
-                    "micro_batch_size": state.micro_batch_size,
-                    "seconds": round(seconds, 4),
-                }
+                    "step": state.step, "loss": round(loss, 6), "learning_rate": runner.scheduler.get_last_lr()[0],
+                    "examples_seen": state.examples_seen, "tokens_seen": state.tokens_seen,
+                    "micro_batch_size": state.micro_batch_size, "seconds": round(seconds, 4),
+                }  # fmt: skip
                 state.history.append(row)
                 if out is not None:
                     append_step_log(out, row)
                 if out is not None and (state.step % eval_every == 0 or state.step == total_steps):
-                    eval_loss = evaluate_loss(
-                        runner.model,
-                        prepared.eval,
-                        tokenizer.pad_token_id,
-                        runner.device,
-                        state.micro_batch_size,
-                        runner.autocast_dtype,
-                    )
-                    if eval_loss is not None:
-                        state.eval_history.append({"step": state.step, "eval_loss": round(eval_loss, 6)})
-                        append_step_log(out, state.eval_history[-1])
-                if state.step < total_steps and checkpointer.due(state):
-                    checkpointer.save(state)
-                for callback in config.callbacks:
-                    if hasattr(callback, "on_step_end"):
-                        callback.on_step_end(state)
+                    entry = task.evaluate(runner, prepared, state)
+                    if entry is not None:
+                        state.eval_history.append(entry)
+                        append_step_log(out, entry)
+                # Saves when due, runs the callbacks; interrupted (Ctrl-C, SIGTERM): saves, then stops.
+                checkpointer.at_step_end(state, total_steps, config.callbacks)
                 bar.set_postfix(
                     loss=f"{loss:.4f}", tok_s=f"{throughput.tokens_per_second:.0f}", refresh=False
                 )
