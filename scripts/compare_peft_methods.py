@@ -107,8 +107,9 @@ def run_demo_method(name: str, steps: int, work: Path, device: str) -> dict:
 
 
 def run_classify_method(name: str, steps: int, work: Path, device: str) -> dict:
-    from qlora_lite.demo.classify import make_intent_dataset, minilm_path
     from qlora_lite.training.classifier import train_classifier
+
+    from qlora_lite.demo.classify import make_intent_dataset, minilm_path
 
     settings, lr = METHODS[name]
     train_rows, held_rows = make_intent_dataset()
