@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 from qlora_lite.checkpoint.durable import DRIVE_ROOT, DRIVE_ROOT_ENV, default_durable_root
 from qlora_lite.demo.colab import demo_model  # noqa: F401 (the quickstart cell calls it from here)
 from qlora_lite.errors import UserError
-from qlora_lite.planner.hardware import HardwareProfile, detect, detect_environment
+from qlora_lite.planner.hardware import HardwareProfile, detect_environment
+from qlora_lite.planner.profiles import resolve_hardware
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def setup_colab(
     if smoke and not os.environ.get(DRIVE_ROOT_ENV):
         os.environ[DRIVE_ROOT_ENV] = tempfile.mkdtemp(prefix="qlora-lite-fake-drive-")
     environment = detect_environment()
-    hw = hardware or detect()
+    hw = resolve_hardware(hardware)  # the one place hardware is decided (a profile, a name, or detect)
     notes: list[str] = []
     if hw.accelerator != "cuda":
         if environment == "colab" and not allow_cpu:
