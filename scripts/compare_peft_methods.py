@@ -78,7 +78,7 @@ def run_demo_method(name: str, steps: int, work: Path, device: str) -> dict:
     from qlora_lite.demo.run import accuracy
     from qlora_lite.demo.task import make_dataset
     from qlora_lite.inference.generation import Generator
-    from qlora_lite.training.run import train
+    from qlora_lite.training.api import train
 
     settings, lr = METHODS[name]
     model_dir = ensure_demo_model()
@@ -107,9 +107,8 @@ def run_demo_method(name: str, steps: int, work: Path, device: str) -> dict:
 
 
 def run_classify_method(name: str, steps: int, work: Path, device: str) -> dict:
-    from qlora_lite.training.classifier import train_classifier
-
     from qlora_lite.demo.classify import make_intent_dataset, minilm_path
+    from qlora_lite.training.api import train_classifier
 
     settings, lr = METHODS[name]
     train_rows, held_rows = make_intent_dataset()
