@@ -118,8 +118,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--output", default="benchmarks/serve.json")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (1 on a shared machine: OpenMP threads that wait for a busy "
+        "core make every step many times slower)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from qlora_lite import ensure_demo_model
     from qlora_lite.inference.adapters import AdapterSet
     from qlora_lite.inference.server import Limits, serve
@@ -129,16 +135,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter_set = AdapterSet(base, make_adapters(base, Path(tmp)), quantization=args.quantization)
         models = [adapter_set.base_id, *adapter_set.names]
-        for mode, max_batch in (("one-at-a-time", 1), ("batched", args.max_batch)):
-            handle = serve(adapter_set, port=0, background=True, limits=Limits(max_batch=max_batch))
-            try:
+        modes = {"one-at-a-time": 1, "batched": args.max_batch}
+        # Both servers stay up (only one works at a time) and the modes alternate per client count, so
+        # that each ratio compares two runs made minutes apart, not half an hour apart.
+        handles = {
+            mode: serve(adapter_set, port=0, background=True, limits=Limits(max_batch=b))
+            for mode, b in modes.items()
+        }
+        try:
+            for handle in handles.values():
                 run(handle.url, workload(models, 1)[:1], args.max_tokens)  # warm-up
-                for clients in CLIENTS:
+            for clients in CLIENTS:
+                for mode, handle in handles.items():
                     stats, got = run(handle.url, workload(models, clients), args.max_tokens)
-                    results.append({"mode": mode, "max_batch": max_batch, **stats})
+                    results.append({"mode": mode, "max_batch": modes[mode], **stats})
                     answers[(mode, clients)] = got
                     print(json.dumps(results[-1]), flush=True)
-            finally:
+        finally:
+            for handle in handles.values():
                 handle.stop()
     mismatches = sum(
         answers[("batched", c)][key] != answers[("one-at-a-time", c)][key]

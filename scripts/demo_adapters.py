@@ -28,14 +28,15 @@ def main() -> int:
     parser.add_argument("--n-eval", type=int, default=16)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
-        "--orders-run", help="reuse a finished orders run (e.g. runs/demo from `qlora-lite demo`)"
-    )
+        "--reuse", action="append", default=[], metavar="TASK=FOLDER",
+        help="reuse a run (e.g. orders=runs/demo from `qlora-lite demo`) or a checkpoint folder instead of training",
+    )  # fmt: skip
     args = parser.parse_args()
     setup_logging(debug=False)
     logging.getLogger("qlora_lite").setLevel(logging.INFO)
     summary = run_adapters_demo(
         args.output, max_steps=args.max_steps, learning_rate=args.learning_rate, n_eval=args.n_eval, progress=not args.no_progress,
-        reuse={"orders": args.orders_run} if args.orders_run else None,
+        reuse=dict(item.split("=", 1) for item in args.reuse) or None,
     )  # fmt: skip
     print(format_adapters_summary(summary))
     bench = Path(args.benchmark)

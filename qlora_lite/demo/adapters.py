@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_lite.data.formats import prompt_sample
 from qlora_lite.demo import dates, task
 from qlora_lite.demo.model import ensure_demo_model
 from qlora_lite.inference.adapters import AdapterSet
 from qlora_lite.inference.generation import Generator
-from qlora_lite.inference.router import Router
+from qlora_lite.inference.router import Router, training_sample
 from qlora_lite.training.api import train
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,34 @@ def _train(
 
 
 def _training_facts(run: Path) -> dict[str, Any]:
-    record = json.loads((run / "run_record.json").read_text())
-    keys = ("steps", "seconds", "train_loss", "eval_loss", "tokens_per_second")
+    """Steps, time and losses of a finished run, or of a checkpoint folder (`loop.json`) given for reuse."""
+    if (run / "run_record.json").is_file():
+        record = json.loads((run / "run_record.json").read_text())
+        keys = ("steps", "seconds", "train_loss", "eval_loss", "tokens_per_second")
+        return {
+            **{k: record["metrics"].get(k) for k in keys},
+            "learning_rate": record["hyperparameters"].get("learning_rate"),
+            "effective_batch_size": record["plan"].get("effective_batch_size"),
+            "run": str(run),
+        }
+    loop = json.loads((run / "loop.json").read_text())
+    history = loop.get("history") or [{}]
     return {
-        **{k: record["metrics"].get(k) for k in keys},
-        "learning_rate": record["hyperparameters"].get("learning_rate"),
-        "effective_batch_size": record["plan"].get("effective_batch_size"),
-        "run": str(run),
+        "steps": loop["step"],
+        "seconds": round(sum(r.get("seconds", 0) for r in history), 1),
+        "train_loss": history[-1].get("loss"),
+        "eval_loss": (loop.get("eval_history") or [{}])[-1].get("eval_loss"),
+        "learning_rate": history[0].get("learning_rate"),
+        "run": f"{run} (a checkpoint of an unfinished run)",
     }
+
+
+def _router_sample(name: str, run: Path) -> list[str]:
+    """The training prompts the run kept for routing; for a reused checkpoint, the same sample made afresh."""
+    if (run / "run_record.json").is_file():
+        return training_sample(run)
+    rows = TASKS[name].make_dataset(n_train=480, n_eval=1)[0]
+    return prompt_sample([[{"role": "user", "content": TASKS[name].prompt_for(r)}] for r in rows])
 
 
 def _batched(aset: AdapterSet, prompts: list[str], names: list[str | None], size: int = 8) -> list:
@@ -138,7 +159,7 @@ def run_adapters_demo(
         for name in TASKS
     }  # fmt: skip
 
-    router = Router.from_adapters({name: str(path) for name, path in runs.items()})
+    router = Router.from_samples({name: _router_sample(name, path) for name, path in runs.items()})
     router.save(out / "router.json")
     routed = [(TASKS[n].prompt_for(r), n) for n in TASKS for r in held_out[n]]
     routing = router.evaluate(routed + [(t, None) for t in OFF_TOPIC])
