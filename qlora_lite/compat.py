@@ -86,6 +86,15 @@ def install_log_redaction(redact: Callable[[str], str]) -> None:
             clean = each(clean)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # The traceback of log.exception()/exc_info=True: formatted now, redacted, and kept as the text
+            # every Formatter prints (Formatter.format only formats exc_info when exc_text is empty).
+            text = logging.Formatter().formatException(record.exc_info)
+            clean = text
+            for each in _redactors:
+                clean = each(clean)
+            if clean != text:
+                record.exc_text = clean
         return record
 
     logging.setLogRecordFactory(factory)

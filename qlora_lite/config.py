@@ -62,6 +62,13 @@ class _TrainConfigMethods:
         found = problems(self.settings())
         if not found:  # the method's own rules (e.g. DoRA needs LoRA) once every value has the right type
             found = self.peft_settings().problems()
+        if isinstance(self.checkpoint_dir, str) and not self.checkpoint_dir.startswith("hf://"):
+            from qlora_lite.checkpoint.durable import check_drive_path
+
+            try:
+                check_drive_path(self.checkpoint_dir)  # Drive not mounted: refused before anything is written
+            except UserError as exc:
+                found.append(str(exc))
         if found:
             raise UserError("invalid training settings: " + "; ".join(found))
 

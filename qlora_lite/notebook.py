@@ -31,15 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qlora_lite.checkpoint.durable import DRIVE_ROOT, DRIVE_ROOT_ENV, default_durable_root
+from qlora_lite.checkpoint.durable import (
+    DRIVE_ROOT_ENV,
+    MOUNT_DRIVE_HINT,
+    check_drive_path,
+    default_durable_root,
+    drive_mounted,
+)
+from qlora_lite.checkpoint.durable import drive_root as drive_root
 from qlora_lite.demo.colab import demo_model  # noqa: F401 (the quickstart cell calls it from here)
 from qlora_lite.errors import UserError
-from qlora_lite.planner.hardware import HardwareProfile, detect, detect_environment
+from qlora_lite.planner.hardware import HardwareProfile, detect_environment
+from qlora_lite.planner.profiles import resolve_hardware
 
 log = logging.getLogger(__name__)
 
 SMOKE_ENV = "QLORA_LITE_NOTEBOOK_SMOKE"
-MOUNT_DRIVE_HINT = "from google.colab import drive; drive.mount('/content/drive')"
 GPU_HINT = "click Runtime > Change runtime type, choose a GPU (e.g. T4 GPU), save, and run this cell again"
 TOKEN_HINT = (
     "add a Hugging Face token with write access as the secret HF_TOKEN (key icon in Colab's left bar, "
@@ -128,30 +135,18 @@ class NotebookSetup:
         return "\n".join(lines + list(self.notes))
 
 
-def drive_root() -> Path:
-    """The Google Drive folder (/content/drive/MyDrive, or $QLORA_LITE_DRIVE_ROOT)."""
-    return Path(os.environ.get(DRIVE_ROOT_ENV) or DRIVE_ROOT)
-
-
 def hub_token() -> str | None:
     """The Hugging Face token from $HF_TOKEN, `hf auth login`, or the Colab secret HF_TOKEN.
 
     A token read from the Colab secret is exported as HF_TOKEN, so that `!qlora-lite ...` subprocesses and
     background uploads see it too (they cannot read Colab secrets). The token is never logged.
     """
-    try:
-        from qlora_lite.hub.token import resolve_token
-    except ImportError:  # an older build without the Hub module
-        resolve_token = None
-    if resolve_token is not None:
-        token = resolve_token()
-    else:
-        from huggingface_hub import get_token
+    from qlora_lite.hub.token import Token, resolve_token
 
-        token = get_token()
+    token = resolve_token()
     if token and not os.environ.get("HF_TOKEN"):
-        os.environ["HF_TOKEN"] = token
-    return token or None
+        os.environ["HF_TOKEN"] = str(token)
+    return Token(token) if token else None  # shown as 'hf_***' when it is a cell's value
 
 
 def setup_colab(
@@ -172,7 +167,7 @@ def setup_colab(
     if smoke and not os.environ.get(DRIVE_ROOT_ENV):
         os.environ[DRIVE_ROOT_ENV] = tempfile.mkdtemp(prefix="qlora-lite-fake-drive-")
     environment = detect_environment()
-    hw = hardware or detect()
+    hw = resolve_hardware(hardware)  # the one place hardware is decided (a profile, a name, or detect)
     notes: list[str] = []
     if hw.accelerator != "cuda":
         if environment == "colab" and not allow_cpu:
@@ -181,7 +176,7 @@ def setup_colab(
             "No GPU found: training runs on the CPU (fine for the demo, slow for real models)."
             + (f" To use a GPU, {GPU_HINT}." if environment == "colab" else "")
         )
-    mounted = drive_root().is_dir()
+    mounted = drive_mounted()  # a mount point, not a bare folder left where Drive would be
     token = False
     target: str | None
     if checkpoint_to in (None, "", "local"):
@@ -209,11 +204,7 @@ def setup_colab(
         target = checkpoint_to
     else:
         folder = Path(checkpoint_to).expanduser()
-        if not mounted and folder.is_relative_to(drive_root().parent):
-            # Writing there now would fill the bare mount point on the local disk, which dies with the VM.
-            raise UserError(
-                f"Google Drive is not mounted: run `{MOUNT_DRIVE_HINT}`, then run this cell again."
-            )
+        check_drive_path(folder)  # writing there unmounted would fill the local disk, which dies with the VM
         target = str(folder)
     return NotebookSetup(hw, environment, target, mounted, token, smoke, tuple(notes))
 

@@ -27,7 +27,7 @@ TRAIN, PLAN, CLASSIFY = "train", "plan", "train-classifier"
 TRAINING = frozenset({TRAIN, CLASSIFY})
 EVERYWHERE = frozenset({TRAIN, PLAN, CLASSIFY})
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-RESUME_MODES = ("auto", "never", "force")
+RESUME_MODES = ("auto", "never", "force", "local")
 
 
 # ----------------------------------------------------------------------------- value parsers (CLI strings)
@@ -206,7 +206,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("save_every_minutes", float, None, "minutes between checkpoints (default: the plan's interval, at most 10)", check=above(0)),
     Option("save_every_steps", int, None, "optimizer steps between checkpoints", check=at_least(1)),
     Option("keep_checkpoints", int, 2, "verified checkpoints kept", check=at_least(1)),
-    Option("resume", str, "auto", "auto: continue the same run if found; never; force: even if settings differ", choices=RESUME_MODES),
+    Option("resume", str, "auto", "auto: continue the same run if found; never: start afresh (older checkpoints moved aside, kept); force: even if settings differ; local: from this machine's checkpoints when the durable place cannot be listed", choices=RESUME_MODES),
+    Option("public_checkpoints", bool, False, "allow checkpoints in a public Hub repo (refused otherwise)", action="store_true"),
     # ship (the token comes from HF_TOKEN / `hf auth login` / the Colab secret, never from a setting)
     Option("push_to_hub", str, None, "push the adapter and a model card to this repo when training ends", commands=frozenset({TRAIN}), metavar="REPO_ID"),
     Option("hub_private", bool, True, "make a new repo public", commands=frozenset({TRAIN}), flag="--hub-public", action="store_false"),

@@ -18,6 +18,7 @@ CONFUSION_PLOT = "confusion_matrix.png"
 CHECKPOINTS = "checkpoints"  # checkpoints/checkpoint-N/
 MANIFEST = "manifest.json"  # inside each checkpoint: files, sizes, sha256, step
 STAGING = ".staging-"  # prefix of a checkpoint being written (never read as a checkpoint)
+LOCK_FILE = ".qlora-lite.lock"  # held (flock) by the process training in the folder: owner pid and host
 ORIGIN_FILE = "qlora_lite_origin.json"  # {"hub_id": ...} in a model folder converted from a Hub model
 
 # What a finished run consists of (removed together by `overwrite`).

@@ -26,7 +26,7 @@ def describe_error(exc: BaseException) -> str:
         if exc.filename and str(exc.filename) not in text:
             text += f": {exc.filename}"
         return f"{text} [{errno.errorcode[exc.errno]}]"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"  # one line (HTTP errors carry several)
 
 
 class DurableCopier:
@@ -108,13 +108,17 @@ class DurableCopier:
             self._copy_pending()
 
     def _copy_one(self, job: CheckpointInfo) -> bool:
-        if not job.path.is_dir():
-            return True  # rotated away locally: a newer checkpoint supersedes it
         try:
+            if (
+                not job.path.is_dir()
+            ):  # queued checkpoints are protected from rotation: something else took it
+                raise FileNotFoundError(
+                    errno.ENOENT, "the local checkpoint vanished before it was copied", str(job.path)
+                )
             self.backend.upload(job.path, job.name)
         except Exception as exc:  # noqa: BLE001 - a durable fault must never reach training
             self._failed(job, exc)
-            return False
+            return not job.path.is_dir()  # a vanished folder is not retried (the next save is), nor a success
         with self._cond:
             recovered, self.last_error, self._failures = self.last_error, None, 0
             self.durable_step = max(job.step, self.durable_step or 0)

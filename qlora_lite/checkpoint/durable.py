@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +22,72 @@ from pathlib import Path
 from qlora_lite.checkpoint.manifest import MANIFEST, SkippedCheckpoint, fsync_dir, step_of, verify_checkpoint
 from qlora_lite.errors import UserError
 
+DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive"
-DRIVE_ROOT_ENV = "QLORA_LITE_DRIVE_ROOT"
+DRIVE_ROOT_ENV = "QLORA_LITE_DRIVE_ROOT"  # a stand-in folder for Drive (tests, notebook smoke mode)
+DRIVE_MOUNT_ENV = "QLORA_LITE_DRIVE_MOUNT"  # where Drive is mounted, when not /content/drive
+MOUNT_DRIVE_HINT = "from google.colab import drive; drive.mount('/content/drive')"
 INCOMING = ".incoming-"
 RETIRED = ".retired-"
+ARCHIVED = "archived-"  # older runs' checkpoints moved aside (kept) by resume="never" or overwrite
 
 CopyFile = Callable[[Path, Path], None]
+
+
+def is_mount_point(path: str | Path) -> bool:
+    """True when `path` is a mount point (os.path.ismount, or listed in /proc/mounts for FUSE mounts)."""
+    path = Path(path)
+    if os.path.ismount(path):
+        return True
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    # /proc/mounts writes a space or tab in a mount point as an octal escape (\040).
+    points = {
+        re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+        for line in mounts
+        if len(line.split()) > 1
+    }
+    return str(path.resolve()) in points
+
+
+def drive_root() -> Path:
+    """The Google Drive folder: /content/drive/MyDrive, or $QLORA_LITE_DRIVE_ROOT."""
+    return Path(os.environ.get(DRIVE_ROOT_ENV) or DRIVE_ROOT)
+
+
+def drive_mount() -> Path:
+    """Where Google Drive is mounted; a stand-in $QLORA_LITE_DRIVE_ROOT is its own mount."""
+    if os.environ.get(DRIVE_MOUNT_ENV):
+        return Path(os.environ[DRIVE_MOUNT_ENV])
+    return drive_root() if os.environ.get(DRIVE_ROOT_ENV) else Path(DRIVE_MOUNT)
+
+
+def drive_mounted() -> bool:
+    """True when Google Drive is really mounted (a mount point), not when a bare folder sits there.
+
+    A stand-in folder named by $QLORA_LITE_DRIVE_ROOT (without $QLORA_LITE_DRIVE_MOUNT) counts when it exists.
+    """
+    if os.environ.get(DRIVE_ROOT_ENV) and not os.environ.get(DRIVE_MOUNT_ENV):
+        return drive_root().is_dir()
+    return is_mount_point(drive_mount()) and drive_root().is_dir()
+
+
+def on_drive(path: str | Path) -> bool:
+    """True for a path inside the Google Drive mount (/content/drive/...)."""
+    mount = drive_mount().expanduser().absolute()
+    return Path(path).expanduser().absolute().is_relative_to(mount)
+
+
+def check_drive_path(path: str | Path) -> None:
+    """Refuse a Drive path while Drive is not mounted: writing there would fill the bare mount point on the
+    local disk, which vanishes with the VM (and every copy would look verified)."""
+    if on_drive(path) and not drive_mounted():
+        raise UserError(
+            f"{path} is on Google Drive, but Drive is not mounted at {drive_mount()}: run "
+            f"`{MOUNT_DRIVE_HINT}` first (or choose a checkpoint folder that is not on Drive)"
+        )
 
 
 def default_durable_root(run_name: str) -> Path | None:
@@ -35,8 +97,12 @@ def default_durable_root(run_name: str) -> Path | None:
     """
     if not run_name or run_name in (".", "..") or "/" in run_name or "\\" in run_name:
         raise UserError(f"run name {run_name!r} cannot name a folder on Drive: use letters, digits, '-', '_'")
-    drive = Path(os.environ.get(DRIVE_ROOT_ENV) or DRIVE_ROOT)
-    return drive / "qlora_lite" / run_name if drive.is_dir() else None
+    return drive_root() / "qlora_lite" / run_name if drive_mounted() else None
+
+
+def archive_label() -> str:
+    """`archived-20260101-120000-1a2b`: a new, sortable folder name for checkpoints moved aside."""
+    return f"{ARCHIVED}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
 def copy_file_fsync(src: Path, dst: Path) -> None:
@@ -70,6 +136,15 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_manifest_file(path: Path) -> dict | None:
+    """A parsed manifest.json, or None when it is missing or not JSON (an unfinished copy)."""
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 class DurableBackend(ABC):
     """A place where published checkpoints survive the machine. Every method may raise OSError."""
 
@@ -95,6 +170,17 @@ class DurableBackend(ABC):
         """A folder holding checkpoint `name` that can be read in place, or None (fetch it first)."""
         return None
 
+    def archive(self, names: list[str], label: str) -> str:
+        """Move checkpoints `names` aside under `label` (kept, no longer listed); returns where they went."""
+        raise OSError(errno.ENOTSUP, f"{self.description} cannot move checkpoints aside")
+
+    def manifest(self, name: str) -> dict | None:
+        """The parsed manifest of checkpoint `name` (None when it has none), without reading its files."""
+        folder = self.folder(name)
+        if folder is None:
+            raise OSError(errno.ENOTSUP, f"{self.description} cannot read {name}'s manifest in place")
+        return read_manifest_file(folder / MANIFEST)
+
     def leftovers(self) -> list[SkippedCheckpoint]:
         """Unfinished uploads, for reports."""
         return []
@@ -110,11 +196,15 @@ class FolderBackend(DurableBackend):
         self.root = Path(root).expanduser()
         self.description = str(self.root)
         self.copy_file = copy_file
-        # The nearest folder that exists now. If it vanishes (Drive unmounted) we must not recreate the
-        # path: that would write into the bare mount point on the local disk, which dies with the VM.
+        check_drive_path(self.root)
+        # The nearest folder that exists now (on Drive: the mount itself). If it vanishes (Drive unmounted)
+        # we must not recreate the path: that would write into the bare mount point on the local disk.
         anchor = self.root
         while not anchor.exists() and anchor.parent != anchor:
             anchor = anchor.parent
+        mount = drive_mount().expanduser().absolute()
+        if on_drive(self.root) and not anchor.absolute().is_relative_to(mount):
+            anchor = mount
         self.anchor = anchor
         self._current: Path | None = None
 
@@ -155,6 +245,10 @@ class FolderBackend(DurableBackend):
             checked = verify_checkpoint(tmp, "durable", name=name)
             if isinstance(checked, SkippedCheckpoint):
                 raise OSError(errno.EIO, f"the copy does not match its manifest: {checked.reason}")
+            there = read_manifest_file(self.root / name / MANIFEST) or {}
+            if there.get("run_id") not in (None, manifest.get("run_id")):
+                # Two runs writing into one place (same output name on one Drive): never replace the other's.
+                raise OSError(errno.EEXIST, f"{name} there belongs to another run (run id {there['run_id']})")
             publish_dir(tmp, self.root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -175,6 +269,18 @@ class FolderBackend(DurableBackend):
 
     def fetch(self, name: str, dest: Path) -> None:
         shutil.copytree(self.root / name, dest)
+
+    def manifest(self, name: str) -> dict | None:
+        return read_manifest_file(self.root / name / MANIFEST)
+
+    def archive(self, names: list[str], label: str) -> str:
+        self._check_mounted()
+        target = self.root / label
+        target.mkdir()
+        for name in names:
+            os.rename(self.root / name, target / name)
+        fsync_dir(self.root)
+        return str(target)
 
     def delete(self, name: str) -> None:
         remove_tree(self.root / name)

@@ -64,6 +64,11 @@ class CheckpointInfo:
         return self.manifest.get("metadata", {})
 
     @property
+    def run_id(self) -> str | None:
+        """The run that wrote it (None for checkpoints written before runs had ids)."""
+        return self.manifest.get("run_id")
+
+    @property
     def files(self) -> dict[str, dict]:
         return self.manifest["files"]
 
@@ -142,8 +147,8 @@ def check_file_name(name: str) -> None:
         raise ValueError(f"checkpoint file name {name!r} must be a plain relative path other than {MANIFEST}")
 
 
-def build_manifest(step: int, files: dict[str, dict], metadata: dict) -> dict:
-    return {
+def build_manifest(step: int, files: dict[str, dict], metadata: dict, run_id: str | None = None) -> dict:
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "qlora_lite_version": library_version(),
@@ -152,6 +157,9 @@ def build_manifest(step: int, files: dict[str, dict], metadata: dict) -> dict:
         "files": files,
         "metadata": metadata,
     }
+    if run_id is not None:  # which run wrote it: places shared by several runs tell them apart by it
+        manifest["run_id"] = run_id
+    return manifest
 
 
 def manifest_bytes(manifest: dict) -> bytes:

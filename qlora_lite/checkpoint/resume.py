@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,15 +33,22 @@ from qlora_lite.training.record import library_versions
 
 log = logging.getLogger(__name__)
 
-ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP = (
+ADAPTER, OPTIMIZER, SCHEDULER, RNG, LOOP, SCALER = (
     "adapter.safetensors",
     "optimizer.pt",
     "scheduler.pt",
     "rng.pt",
     "loop.json",
+    "grad_scaler.pt",  # fp16 only (T4, V100): the loss scale and its growth tracker
 )
 # The settings that define a run (declared `resume="match"`): a checkpoint made with other values belongs
 # to another run.
+
+
+# What names the base model across machines: its Hub id (another model is another run, even at an equal
+# commit), its revision (the Hub commit sha, or a hash of a local folder's files) and a hash of its config.
+# The path is left out: the same model sits at another path on another machine.
+MODEL_IDENTITY = ("hub_id", "revision", "config_sha256")
 
 
 def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, Any]:
@@ -50,11 +59,7 @@ def run_identity(config, base_model: dict, data_fingerprint: str) -> dict[str, A
         {n: getattr(config, n) for n in IDENTITY_SETTINGS_IF_SET if getattr(config, n) != BY_NAME[n].default}
     )
     return {
-        "base_model": {
-            "hub_id": base_model.get("hub_id"),  # another model is another run, even at an equal commit
-            "config_sha256": base_model.get("config_sha256"),
-            "revision": base_model.get("revision"),  # the Hub commit sha, or a hash of the local files
-        },
+        "base_model": {key: base_model.get(key) for key in MODEL_IDENTITY},
         "data_fingerprint": data_fingerprint,
         "settings": settings,
     }
@@ -76,6 +81,11 @@ def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:16] + "..." + text[-8:]
+
+
+def identity_differences(saved: Any, identity: dict) -> list[str]:
+    """'field: A in the checkpoint, B now' for each difference (keys missing on one side count as None)."""
+    return _differences(saved if isinstance(saved, dict) else {}, identity)
 
 
 def check_same_run(info: CheckpointInfo, identity: dict, *, force: bool) -> None:
@@ -160,14 +170,39 @@ class Checkpointer:
         metadata: dict[str, Any],
         every_seconds: float,
         every_steps: int | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         self.store, self.model, self.optimizer, self.scheduler = store, model, optimizer, scheduler
+        self.grad_scaler = grad_scaler
+        self.interrupts: Any = None  # a DeferredInterrupts while the loop runs
         self.metadata = metadata
         self.every_seconds, self.every_steps = every_seconds, every_steps
         self.last_save = time.monotonic()
         self.last_step: int | None = None
         self.seconds_saving = 0.0
         self.saves = 0
+
+    def at_step_end(self, state: LoopState, total_steps: int, callbacks: Sequence[Any] = ()) -> None:
+        """At a step boundary: save when due and run the callbacks' `on_step_end`. When an interrupt waits
+        (Ctrl-C or SIGTERM noted mid-step, or a callback raising KeyboardInterrupt), save this step and stop.
+        """
+        if state.step < total_steps and self.due(state):
+            self.save(state)
+        try:
+            for callback in callbacks:
+                if hasattr(callback, "on_step_end"):
+                    callback.on_step_end(state)
+        except KeyboardInterrupt:  # raised here, at the boundary: the state is whole
+            self._save_before_stopping(state)
+            raise
+        if self.interrupts is not None and self.interrupts.pending is not None:
+            self._save_before_stopping(state)
+            self.interrupts.stop()
+
+    def _save_before_stopping(self, state: LoopState) -> None:
+        self.save(state)
+        log.warning("saved step %d: stopping (run the same call again to continue)", state.step)
+        self.store.flush(timeout=60)
 
     def due(self, state: LoopState) -> bool:
         if self.every_steps and state.step % self.every_steps == 0:
@@ -189,6 +224,8 @@ class Checkpointer:
             RNG: _torch_bytes(capture_rng()),
             LOOP: json.dumps(asdict(state)).encode(),
         }
+        if self.grad_scaler is not None:
+            files[SCALER] = _torch_bytes(self.grad_scaler.state_dict())
         metadata = {
             **self.metadata,
             "step": state.step,
@@ -206,21 +243,34 @@ class Checkpointer:
         return info
 
 
-def restore(store: CheckpointStore, info: CheckpointInfo, model, optimizer, scheduler) -> LoopState:
-    """Load everything a checkpoint holds into a freshly built model/optimizer/scheduler."""
+def restore(
+    store: CheckpointStore, info: CheckpointInfo, model, optimizer, scheduler, grad_scaler: Any = None
+) -> LoopState:
+    """Load everything a checkpoint holds into a freshly built model/optimizer/scheduler (and fp16 scaler).
+
+    The loop state is parsed first: a checkpoint that cannot be restored changes nothing and is kept.
+    """
     params = dict(model.named_parameters())
-    adapter = load_safetensors(store.read(info, ADAPTER))
-    with torch.no_grad():
-        for name, tensor in adapter.items():
-            params[name].copy_(tensor.to(params[name].device))
     try:
-        optimizer.load_state_dict(_torch_load(store.read(info, OPTIMIZER)))
-        scheduler.load_state_dict(_torch_load(store.read(info, SCHEDULER)))
-        restore_rng(_torch_load(store.read(info, RNG)))
         loop = json.loads(store.read(info, LOOP))
-    except (KeyError, ValueError, RuntimeError) as exc:
+        state = LoopState(**loop)
+        adapter = load_safetensors(store.read(info, ADAPTER))
+        optimizer_state = _torch_load(store.read(info, OPTIMIZER))
+        scheduler_state = _torch_load(store.read(info, SCHEDULER))
+        rng_state = _torch_load(store.read(info, RNG))
+        scaler_state = _torch_load(store.read(info, SCALER)) if SCALER in info.files else None
+        with torch.no_grad():
+            for name, tensor in adapter.items():
+                params[name].copy_(tensor.to(params[name].device))
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        restore_rng(rng_state)
+        if grad_scaler is not None and scaler_state is not None:
+            grad_scaler.load_state_dict(scaler_state)
+    except (KeyError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as exc:
         raise UserError(
-            f"{info.path} could not be restored ({exc}); pass overwrite=True to start fresh"
+            f"{info.path} could not be restored ({type(exc).__name__}: {str(exc)[:200]}); it is kept: move that "
+            "folder aside to resume from an older checkpoint, or pass resume='never' to start afresh"
         ) from exc
     log.info("resuming from %s (step %d, %s)", info.path, info.step, info.location)
-    return LoopState(**loop)
+    return state

@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,10 +29,12 @@ from qlora_lite.checkpoint.durable import (
     RETIRED,
     DurableBackend,
     FolderBackend,
+    archive_label,
     default_durable_root,
     publish_dir,
     remove_tree,
 )
+from qlora_lite.checkpoint.lock import pid_alive
 from qlora_lite.checkpoint.manifest import (
     MANIFEST,
     CheckpointInfo,
@@ -48,6 +50,7 @@ from qlora_lite.checkpoint.manifest import (
     step_of,
     verify_checkpoint,
 )
+from qlora_lite.checkpoint.rotation import Rotation
 from qlora_lite.errors import UserError
 from qlora_lite.run_files import STAGING  # noqa: F401 (re-exported)
 
@@ -69,23 +72,13 @@ _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EROFS, errno.EPERM}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def _is_stale_staging(path: Path) -> bool:
     """A staging folder whose process is gone (a crash or a SIGKILL during a save)."""
     try:
         pid = int(path.name.rsplit("-", 2)[-2])
     except (ValueError, IndexError):
         return True
-    return pid != os.getpid() and not _pid_alive(pid)
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 def _write_source(handle: BinaryIO, source: FileSource) -> None:
@@ -102,12 +95,17 @@ def _write_source(handle: BinaryIO, source: FileSource) -> None:
         )
 
 
+class DurableListingError(UserError):
+    """The durable place could not be listed at the start of a run."""
+
+
 class CheckpointStore:
     """Checkpoints of one run: `local_root` (fast, dies with the machine) and an optional durable copy.
 
     `durable_root` is a mounted folder (Drive); pass `backend=` for another kind of durable place.
     `keep` newest verified checkpoints are kept in each place. `retry_seconds` = (first, max) backoff
-    between retries of a failed durable copy; a new save retries at once.
+    between retries of a failed durable copy; a new save retries at once. `run_id` (settable until the first
+    save) is written into every manifest: rotation only ever removes checkpoints of this run.
     """
 
     def __init__(
@@ -119,6 +117,7 @@ class CheckpointStore:
         *,
         backend: DurableBackend | None = None,
         retry_seconds: tuple[float, float] = (5.0, 300.0),
+        run_id: str | None = None,
     ):
         if keep < 1:
             raise UserError(f"keep={keep}: at least one checkpoint must be kept (use keep >= 1)")
@@ -129,11 +128,21 @@ class CheckpointStore:
         self.keep = keep
         self.background = background
         self.retry_seconds = retry_seconds
-        self._verified: dict[tuple[str, str], CheckpointInfo] = {}
+        self._rotation = Rotation(keep, run_id, backend=self.backend)
+        self._verified = self._rotation.verified
         self._warned: set[str] = set()
         self._copier = (
             DurableCopier(self.backend, background, retry_seconds, self._after_copy) if self.backend else None
         )
+
+    @property
+    def run_id(self) -> str | None:
+        """The id written into this run's manifests; rotation only removes checkpoints that carry it."""
+        return self._rotation.run_id
+
+    @run_id.setter
+    def run_id(self, value: str | None) -> None:
+        self._rotation.run_id = value
 
     @property
     def durable_ok(self) -> bool:
@@ -152,7 +161,7 @@ class CheckpointStore:
             raise ValueError(f"step must be >= 0, not {step}")
         for file_name in files:
             check_file_name(file_name)
-        manifest_bytes(build_manifest(step, {}, metadata))  # metadata must be JSON before any write
+        manifest_bytes(build_manifest(step, {}, metadata, self.run_id))  # JSON-able before any write
         name = checkpoint_name(step)
         started = time.monotonic()
         staging = self.local_root / f"{STAGING}{name}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -174,7 +183,7 @@ class CheckpointStore:
                 size, sha = sha256_file(target)
                 entries[file_name] = {"size": size, "sha256": sha}
             current = MANIFEST
-            manifest = build_manifest(step, entries, metadata)
+            manifest = build_manifest(step, entries, metadata, self.run_id)
             with open(staging / MANIFEST, "wb") as handle:
                 handle.write(manifest_bytes(manifest))
                 handle.flush()
@@ -193,9 +202,9 @@ class CheckpointStore:
         self._verified[("local", name)] = info
         total = sum(entry["size"] for entry in entries.values())
         log.info("saved %s (%.1f MB) in %.2f s", info.path, total / 1e6, time.monotonic() - started)
-        self._rotate_local()
         if self._copier is not None:
-            self._copier.submit(info)
+            self._copier.submit(info)  # queued (and so protected from rotation) before rotating
+        self._rotate_local(also_keep=name)
         return info
 
     def _local_error(self, exc: OSError, name: str, current: str) -> BaseException:
@@ -212,33 +221,15 @@ class CheckpointStore:
             )
         return exc
 
-    def _rotate(self, names: Iterable[str], location: str, folder, delete, protect: set[str]) -> None:
-        """Keep the `keep` newest verified checkpoints (and anything newer); delete the older ones."""
-        kept = 0
-        for name in sorted(names, key=step_of, reverse=True):
-            if kept >= self.keep:
-                if name not in protect:
-                    delete(name)
-                    self._verified.pop((location, name), None)
-                    log.info("removed old checkpoint %s (%s)", name, location)
-                continue
-            info = self._verified.get((location, name))
-            path = folder(name)
-            if info is None and path is not None:
-                checked = verify_checkpoint(path, location)
-                if isinstance(checked, CheckpointInfo):
-                    info = self._verified[(location, name)] = checked
-            kept += info is not None
-
     def _local_names(self) -> list[str]:
         if not self.local_root.is_dir():
             return []
         return [p.name for p in self.local_root.iterdir() if step_of(p.name) is not None and p.is_dir()]
 
-    def _rotate_local(self) -> None:
-        protect = self._copier.protected() if self._copier else set()
+    def _rotate_local(self, also_keep: str) -> None:
+        protect = (self._copier.protected() if self._copier else set()) | {also_keep}
         try:
-            self._rotate(
+            self._rotation.rotate(
                 self._local_names(),
                 "local",
                 lambda name: self.local_root / name,
@@ -272,12 +263,48 @@ class CheckpointStore:
             path, job.step, job.manifest, job.written_unix, "durable"
         )
         try:
-            self._rotate(self.backend.list(), "durable", self.backend.folder, self.backend.delete, {job.name})
+            self._rotation.rotate(
+                self.backend.list(), "durable", self.backend.folder, self.backend.delete, {job.name}
+            )
         except Exception as exc:  # noqa: BLE001 - never into training
             self._warn_once(
                 f"durable-rotate:{type(exc).__name__}",
                 f"could not remove old checkpoints in {self.backend.description}: {describe_error(exc)}",
             )
+
+    def archive(self) -> list[str]:
+        """Move every checkpoint aside, locally and in the durable place (kept, no longer resumed from).
+
+        What a fresh start (resume="never", overwrite) does first, so the older run's checkpoints neither
+        shadow nor rotate away the new run's. Returns where they went. Raises UserError when the durable place
+        cannot be listed or changed (nothing is started on top of checkpoints that could not be moved).
+        """
+        moved = []
+        label = archive_label()
+        names = self._local_names()
+        if names:
+            target = self.local_root / label
+            target.mkdir()
+            for name in names:
+                os.rename(self.local_root / name, target / name)
+            moved.append(str(target))
+        if self.backend is not None:
+            try:
+                names = self.backend.list()
+                if names:
+                    moved.append(self.backend.archive(names, label))
+            except UserError:
+                raise
+            except Exception as exc:
+                raise UserError(
+                    f"cannot move the older checkpoints in {self.backend.description} aside "
+                    f"({describe_error(exc)}): fix the durable place (mount Drive, check the token) and run again"
+                ) from exc
+        self._verified.clear()
+        self._rotation.unverified.clear()
+        for where in moved:
+            log.warning("moved the older run's checkpoints aside (kept) to %s", where)
+        return moved
 
     def flush(self, timeout: float | None = None) -> bool:
         """Try the pending durable copy now and wait for it; True when every checkpoint is copied.
@@ -298,12 +325,21 @@ class CheckpointStore:
 
     # ---------------------------------------------------------------------------------------- reading
 
-    def _durable_names(self) -> list[str]:
+    def _durable_names(self, strict: bool = False) -> list[str]:
         if self.backend is None:
             return []
         try:
             return self.backend.list()
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001
+            if strict:
+                raise DurableListingError(
+                    f"cannot list the checkpoints in {self.backend.description} ({describe_error(exc)}), so "
+                    "this run cannot tell whether it should continue from there: fix the durable place (mount "
+                    "Drive, renew the token, wait for the Hub) and run again, or pass resume='local' (--resume "
+                    "local) to continue from this machine's checkpoints on purpose"
+                ) from exc
             self._warn_once(
                 f"durable-list:{type(exc).__name__}",
                 f"cannot list the durable place {self.backend.description} ({describe_error(exc)}): "
@@ -349,24 +385,26 @@ class CheckpointStore:
                 pass
         return found
 
-    def latest(self) -> CheckpointInfo | None:
+    def latest(self, *, durable: bool = True) -> CheckpointInfo | None:
         """The newest checkpoint that verifies against its manifest, local or durable (None if none).
 
-        Each folder skipped on the way (corrupt, incomplete, unknown format) is warned about once.
+        Each folder skipped on the way (corrupt, incomplete, unknown format) is warned about once. A durable
+        place that cannot be listed raises `DurableListingError` (a fresh start there would be silent);
+        `durable=False` looks at the local checkpoints only.
         """
         for skipped in self._leftovers():
             self._warn_once(str(skipped.path), f"ignoring {skipped.message()}")
         local = set(self._local_names())
-        durable = set(self._durable_names())
-        for name in sorted(local | durable, key=step_of, reverse=True):
+        durable_names = set(self._durable_names(strict=True)) if durable else set()
+        for name in sorted(local | durable_names, key=step_of, reverse=True):
             if name in local:
                 checked = verify_checkpoint(self.local_root / name, "local")
                 if isinstance(checked, CheckpointInfo):
-                    if self._copier is not None and name not in durable:
+                    if self._copier is not None and durable and name not in durable_names:
                         self._copier.submit(checked)  # the previous process died before copying it
                     return checked
                 self._warn_once(str(checked.path), f"skipping {checked.message()}")
-            if name in durable:
+            if name in durable_names:
                 checked = self._check_durable(name)
                 if isinstance(checked, CheckpointInfo):
                     return checked

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from qlora_lite.cli import adapters, classify, demo, doctor, generate, hub, plan, serve, train
 from qlora_lite.errors import UserError
+from qlora_lite.hub.token import protect_token, redact
 
 log = logging.getLogger("qlora_lite")
 
@@ -70,13 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )  # `train --gpus N` re-launches itself under torchrun
     setup_logging(args.debug)
+    protect_token(os.environ.get("HF_TOKEN"))  # kept out of every log line and error message from here on
     handler = COMMANDS[args.command]
     try:
         return int(handler(args) or 0)
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)  # one line, never the token
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ def add_parsers(sub: Any) -> None:
     r.add_argument(
         "--checkpoint-dir", help="where its durable checkpoints are, if not recorded (a fresh machine)"
     )
-    r.add_argument("--resume", choices=["auto", "force"], default="auto")
+    r.add_argument("--resume", choices=["auto", "force", "local"], default="auto")
     r.add_argument("--no-progress", action="store_true")
 
     runs = sub.add_parser("runs", help="list runs under a folder with their last verified checkpoint")
@@ -59,16 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from qlora_lite.config import make_config
-    from qlora_lite.run_files import RUN_CONFIG
     from qlora_lite.training.api import run_classifier, train
+    from qlora_lite.training.setup import saved_run_config
 
     run_dir = Path(args.run_dir)
-    path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        raise UserError(
-            f"{run_dir} holds no {RUN_CONFIG}: it is not a run folder started by qlora-lite train"
-        )
-    saved = json.loads(path.read_text())
+    saved = saved_run_config(run_dir, args.checkpoint_dir)  # run_config.json, or the durable place's copy
     if saved.get("data") is None:
         raise UserError(
             f"{run_dir} was trained on in-memory data: resume it by running the same train() call again"

@@ -271,7 +271,12 @@ def _messages(value: Any, col: str, index: int, need_assistant: bool = True) -> 
                 "(keys 'role'/'content' or ShareGPT 'from'/'value')"
             )
         if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+            parts = [
+                p.get("text") for p in content if isinstance(p, Mapping) and p.get("type", "text") == "text"
+            ]
+            if not all(isinstance(part, str) for part in parts):
+                raise UserError(f"{where}: a text part of the content holds no text (null or not a string)")
+            content = "".join(parts)
         if not isinstance(content, str) or not content.strip():
             raise UserError(f"{where}: message content is missing or empty; fill it in or drop the message")
         out.append({"role": role, "content": content})

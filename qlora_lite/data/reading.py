@@ -5,6 +5,7 @@ Each reader names the file and line of a problem; the format of the records is d
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -76,10 +77,11 @@ def _read_table(path: Path) -> list[dict]:
 
     try:
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+        text = _read_text(path)
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         return []
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except pd.errors.ParserError as exc:
         raise UserError(f"{path}: cannot parse as {path.suffix[1:].upper()} ({exc}); fix the file") from exc
     return frame.to_dict(orient="records")
 
@@ -93,8 +95,21 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: cannot read as Parquet ({exc}); fix or re-export the file") from exc
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); another encoding is a one-line error naming the place."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -114,9 +129,10 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_json_lines(path: Path, text: str | None = None) -> list[dict]:
-    text = path.read_text(encoding="utf-8") if text is None else text
+    text = _read_text(path) if text is None else text
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # By "\n" only: str.splitlines() also cuts at U+2028/U+2029 and others, which JSON strings may hold.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -20,14 +20,15 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
-from qlora_lite.checkpoint.durable import DurableBackend
+from qlora_lite.checkpoint.durable import DurableBackend, read_manifest_file
 from qlora_lite.checkpoint.manifest import MANIFEST, step_of
 from qlora_lite.checkpoint.store import STAGING
 from qlora_lite.errors import UserError
 from qlora_lite.hub import client as hub
-from qlora_lite.hub.client import HubClient, check_repo_id, hub_error, with_retries
+from qlora_lite.hub.client import HubClient, _one_line, check_repo_id, hub_error, with_retries
 from qlora_lite.hub.token import resolve_token
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class HubBackend(DurableBackend):
         branch: str = DEFAULT_BRANCH,
         prefix: str = PREFIX,
         private: bool = True,
+        allow_public: bool = False,
     ) -> None:
         check_repo_id(repo_id)
         self.repo_id = repo_id
@@ -55,6 +57,7 @@ class HubBackend(DurableBackend):
         self.branch = branch
         self.prefix = prefix.strip("/")
         self.private = private
+        self.allow_public = allow_public
         self.description = f"{SCHEME}{repo_id}@{branch}"
         self._ready = False
 
@@ -74,7 +77,7 @@ class HubBackend(DurableBackend):
                 logging.DEBUG,
             )
             if not private:
-                log.warning("%s is PUBLIC: its checkpoints are visible to everyone", self.repo_id)
+                self._public()
         except RepositoryNotFoundError:
             with_retries(
                 lambda: self.client.create_repo(self.repo_id, private=self.private),
@@ -87,6 +90,35 @@ class HubBackend(DurableBackend):
             logging.DEBUG,
         )
         self._ready = True
+
+    def _public(self) -> None:
+        if not self.allow_public:
+            raise UserError(
+                f"{self.repo_id} is a PUBLIC repo: checkpoints pushed there (adapter, optimizer, run settings) "
+                "would be visible to everyone; use a private repo, or pass public_checkpoints=True "
+                "(--public-checkpoints) to push them there anyway"
+            )
+        log.warning("%s is PUBLIC: its checkpoints are visible to everyone", self.repo_id)
+
+    def check_visibility(self) -> None:
+        """At the start of a run: refuse a public repo unless allowed (a missing repo is created private)."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            private = with_retries(
+                lambda: self.client.repo_private(self.repo_id), f"looking up {self.repo_id}", logging.DEBUG
+            )
+        except RepositoryNotFoundError:
+            return
+        except Exception as exc:
+            raise UserError(
+                f"cannot list the checkpoints in {self.description} ({_one_line(exc)}), so this run cannot tell "
+                "whether it should continue from there: check the token (HF_TOKEN, `hf auth login`) and the "
+                "connection and run again, or pass resume='local' (--resume local) to continue from this "
+                "machine's checkpoints on purpose"
+            ) from None
+        if not private:
+            self._public()
 
     def _remote(self, folder: str | None = None) -> dict:
         """Files under `folder` (default: all checkpoints) on the branch; {} when there is nothing yet."""
@@ -105,7 +137,10 @@ class HubBackend(DurableBackend):
         except RepositoryNotFoundError:
             if self._ready:
                 raise
-            return {}  # a first run: upload() creates the repo
+            # A first run (upload() creates the repo), unless the token is refused: the Hub answers a private
+            # repo's listing with "not found" for an expired token too, and that must not look like no checkpoints.
+            with_retries(self.client.whoami, "checking the token", logging.DEBUG)
+            return {}
 
     def upload(self, local_dir: Path, name: str) -> None:
         """Push one verified checkpoint as one commit, then check the Hub lists every file at its size."""
@@ -116,7 +151,12 @@ class HubBackend(DurableBackend):
         wanted[f"{self._folder(name)}/{MANIFEST}"] = {"size": (local_dir / MANIFEST).stat().st_size}
         try:
             self._ensure_repo()
-            stale = [path for path in self._remote(self._folder(name)) if path not in wanted]
+            there = self._remote(self._folder(name))
+            stale = [path for path in there if path not in wanted]
+            if f"{self._folder(name)}/{MANIFEST}" in there:  # never replace another run's checkpoint
+                other = (self.manifest(name) or {}).get("run_id")
+                if other not in (None, manifest.get("run_id")):
+                    raise OSError(errno.EEXIST, f"{name} there belongs to another run (run id {other})")
 
             def operations() -> list:
                 ops: list = [CommitOperationDelete(path) for path in stale]
@@ -176,6 +216,62 @@ class HubBackend(DurableBackend):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def manifest(self, name: str) -> dict | None:
+        """Checkpoint `name`'s manifest.json alone (rotation reads which run wrote it)."""
+        tmp = Path(tempfile.mkdtemp(prefix="qlora-lite-manifest-"))
+        try:
+            with_retries(
+                lambda: self.client.snapshot_download(
+                    self.repo_id,
+                    revision=self.branch,
+                    allow_patterns=[f"{self._folder(name)}/{MANIFEST}"],
+                    local_dir=tmp,
+                ),
+                f"reading {name}'s manifest on {self.description}",
+                logging.DEBUG,
+            )
+            return read_manifest_file(tmp / self._folder(name) / MANIFEST)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def archive(self, names: list[str], label: str) -> str:
+        """Move checkpoints to `<label>/<name>/` on the same branch, in one commit (kept, no longer listed)."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        tmp = Path(tempfile.mkdtemp(prefix="qlora-lite-archive-"))
+        try:
+            with_retries(
+                lambda: self.client.snapshot_download(
+                    self.repo_id,
+                    revision=self.branch,
+                    allow_patterns=[f"{self._folder(name)}/*" for name in names],
+                    local_dir=tmp,
+                ),
+                f"downloading the checkpoints to move aside from {self.description}",
+                logging.DEBUG,
+            )
+            ops: list = []
+            for name in names:
+                source = tmp / self._folder(name)
+                for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                    ops.append(
+                        CommitOperationAdd(f"{label}/{name}/{path.relative_to(source).as_posix()}", path)
+                    )
+                ops.append(CommitOperationDelete(f"{self._folder(name)}/"))
+            with_retries(
+                lambda: self.client.create_commit(
+                    self.repo_id,
+                    ops,
+                    commit_message=f"qlora_lite: move {len(names)} checkpoints to {label}",
+                    revision=self.branch,
+                ),
+                f"moving checkpoints aside on {self.description}",
+                logging.DEBUG,
+            )
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return f"{self.description}/{label}"
+
     def delete(self, name: str) -> None:
         """Remove every file of checkpoint `name` in one commit."""
         from huggingface_hub import CommitOperationDelete
@@ -195,7 +291,7 @@ class HubBackend(DurableBackend):
 
 
 def backend_from_spec(
-    spec: str, token: str | None = None, client: HubClient | None = None
+    spec: str, token: str | None = None, client: HubClient | None = None, *, allow_public: bool = False
 ) -> DurableBackend | None:
     """`hf://user/repo` or `hf://user/repo@branch` -> a HubBackend; anything else -> None (a folder)."""
     if not str(spec).startswith(SCHEME):
@@ -212,4 +308,4 @@ def backend_from_spec(
                 "`hf auth login`, or in Colab pass token=userdata.get('HF_TOKEN')"
             )
         client = hub.make_client(token)  # looked up at call time: tests replace it
-    return HubBackend(repo_id, client, branch=branch or DEFAULT_BRANCH)
+    return HubBackend(repo_id, client, branch=branch or DEFAULT_BRANCH, allow_public=allow_public)

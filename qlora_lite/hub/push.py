@@ -11,8 +11,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
+from typing import Any
 
 from qlora_lite.compat import callable_module
 from qlora_lite.errors import UserError
@@ -87,7 +89,21 @@ def _upload_contents(run_dir: Path, card: str, base_id: str | None) -> dict[str,
         config["base_model_name_or_path"] = base_id
         contents["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     contents["README.md"] = card.encode()
+    record = json.loads(contents[RUN_RECORD])
+    contents[RUN_RECORD] = (json.dumps(without_local_paths(record), indent=2, sort_keys=True) + "\n").encode()
     return contents
+
+
+def without_local_paths(value: Any) -> Any:
+    """`value` with every absolute local path cut to its last part: a pushed run record must not show the
+    training machine's folders (user names, mount points)."""
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return PureWindowsPath(value).name if "\\" in value else Path(value).name
+    return value
 
 
 def default_commit_message(record: dict) -> str:

@@ -28,6 +28,17 @@ def protect_token(token: str | None) -> None:
     install_log_redaction(redact)
 
 
+class Token(str):
+    """A token that is itself as a string but hides behind 'hf_***' when shown (a notebook cell's value,
+    a repr in a traceback or a log line): `print(repr(token))` or a cell ending in it never shows it."""
+
+    def __repr__(self) -> str:
+        return f"'{_REDACTED}'"
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython's display of a cell's value
+        printer.text(repr(self))
+
+
 def in_colab() -> bool:
     """True inside a Colab notebook kernel (not in a `!python` subprocess, which cannot read secrets)."""
     try:
@@ -58,4 +69,4 @@ def resolve_token(explicit: str | None = None) -> str | None:
         except Exception:  # noqa: BLE001 - no secret, or access refused: simply no token
             token = None
     protect_token(token)
-    return token or None
+    return Token(token) if token else None

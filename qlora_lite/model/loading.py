@@ -39,6 +39,28 @@ def resolve_model(model: str | os.PathLike) -> str:
     return resolve_model_source(model).name
 
 
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.gguf",
+    "*.safetensors.index.json",
+    "*.bin.index.json",
+)
+
+
+def check_has_weights(model_path: str) -> None:
+    """A local model folder must hold weights to train (a config.json alone is enough to plan, not to train)."""
+    path = Path(model_path)
+    if path.is_dir() and not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise UserError(
+            f"model folder {path} has a config.json but no weights (model.safetensors or pytorch_model.bin): "
+            "download the whole model into it (e.g. `hf download <repo> --local-dir "
+            f"{path}`) or give its Hub id"
+        )
+
+
 def quantization_config(quantization: str, double_quant: bool, compute_dtype: str):
     """The bitsandbytes config for the base weights, or None for a 16/32-bit base."""
     from transformers import BitsAndBytesConfig

@@ -263,6 +263,23 @@ class MainRankCheckpointer:
         barrier(self.ranks)
         return info
 
+    def at_step_end(self, state: Any, total_steps: int, callbacks: Any = ()) -> None:
+        """`Checkpointer.at_step_end` for every rank: rank 0 decides whether to save (due, or Ctrl-C/SIGTERM
+        noted on it mid-step), every rank saves and stops together."""
+        interrupts = getattr(self, "interrupts", None)  # set on this wrapper while the loop runs
+        noted = interrupts is not None and interrupts.pending is not None
+        stopping = bool(from_main(noted if self.ranks.is_main else None, self.ranks))
+        if stopping or (state.step < total_steps and self.due(state)):
+            self.save(state)
+        for callback in callbacks:
+            if hasattr(callback, "on_step_end"):
+                callback.on_step_end(state)
+        if stopping:
+            self.inner.store.flush(timeout=60)
+            if interrupts is not None and interrupts.pending is not None:
+                interrupts.stop()
+            raise KeyboardInterrupt  # rank 0 was interrupted: this rank stops with it
+
 
 class FollowerStore:
     """What a rank other than 0 has instead of the checkpoint store: nothing to write, nothing to wait for."""

@@ -8,6 +8,7 @@ own module and this one wires them together.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -16,11 +17,11 @@ from typing import Any
 
 import torch
 
-from qlora_lite.checkpoint.resume import Checkpointer, check_same_run, run_identity
+from qlora_lite.checkpoint.resume import Checkpointer, run_identity
 from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
-from qlora_lite.model.loading import attach_lora, load_tokenizer, torch_dtype
+from qlora_lite.model.loading import attach_lora, check_has_weights, load_tokenizer, torch_dtype
 from qlora_lite.model.peft_init import save_adapter
 from qlora_lite.model.peft_methods import PeftSettings
 from qlora_lite.model.source import resolve_model_source
@@ -41,10 +42,12 @@ from qlora_lite.training.record import (
     write_json_atomic,
 )
 from qlora_lite.training.setup import (
+    RunFolder,
+    checkpoint_metadata,
     finished_record,
-    open_checkpoint_store,
-    prepare_output_dir,
+    make_grad_scaler,
     probe_train_and_checkpoint,
+    resume_point,
     run_metrics,
     seed_everything,
     start_or_restore,
@@ -100,19 +103,22 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
     try:
         if ranks.active and not task.distributed:
             raise UserError(f"the {task.name} task trains in one process: start it without torchrun/--gpus")
-        return _run(config, task, ranks)
+        with contextlib.ExitStack() as cleanup:  # the run folder's lock and checkpoint store, always released
+            return _run(config, task, ranks, cleanup)
     finally:
         dp.close_ranks(started_group)
 
 
-def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
+def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.ExitStack) -> TrainResult:
     started = time.time()
     data = task.read(config)  # every data problem is reported before a file is written
     source = resolve_model_source(config.model, config.model_revision)  # a Hub id: pinned to a commit
+    check_has_weights(source.name)  # a local folder with a config.json alone cannot train
     tokenizer = load_tokenizer(source)
     identity = {**run_identity(config, model_identity(source), data.fingerprint), **data.identity}
-    # Rank 0 alone writes the run folder; the others wait until it is ready.
-    out = prepare_output_dir(config, task.files) if ranks.is_main else Path(config.output_dir).expanduser()
+    # Rank 0 alone writes the run folder, locked against a second process; the others wait until it is ready.
+    folder = cleanup.enter_context(RunFolder(config, main=ranks.is_main, task_files=task.files))
+    out = folder.path
     dp.barrier(ranks)
     hardware = dp.rank_hardware(
         resolve_hardware(config.hardware, out), ranks
@@ -128,13 +134,13 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
             **task.result_fields(out, finished),
         )  # fmt: skip
 
-    store = open_checkpoint_store(config, out) if ranks.is_main else dp.FollowerStore()
-    latest: CheckpointInfo | None = store.latest() if config.resume != "never" else None
-    if latest is not None:
-        task.check_checkpoint(latest)
-        check_same_run(latest, identity, force=config.resume == "force")
+    store = folder.open_store() if ranks.is_main else dp.FollowerStore()
+    latest: CheckpointInfo | None = (
+        resume_point(config, store, identity, task.check_checkpoint) if ranks.is_main else None
+    )
+    run_config = {**config.to_record(), **data.run_config}
     if ranks.is_main:
-        write_json_atomic(out / RUN_CONFIG, {**config.to_record(), **data.run_config})
+        write_json_atomic(out / RUN_CONFIG, run_config)
     latest, reader = dp.share_latest(store, latest, ranks)
 
     lengths = task.prepare(tokenizer, None).lengths
@@ -169,8 +175,9 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
     total_steps = config.max_steps or max(
         1, math.ceil(config.epochs * steps_per_epoch(len(prepared.train), the_plan.effective_batch_size))
     )
+    grad_scaler = make_grad_scaler(device, the_plan.compute_dtype)
     optimizer, scheduler, state = start_or_restore(
-        config, the_plan, model, total_steps, reader, latest, out if ranks.is_main else None
+        config, the_plan, model, total_steps, reader, latest, out if ranks.is_main else None, grad_scaler
     )
     dp.broadcast_parameters(model, ranks)
     half = device.type != "cpu" and the_plan.compute_dtype != "fp32"
@@ -178,7 +185,7 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
         model, optimizer, scheduler, prepared.train, pad_token_id=tokenizer.pad_token_id, device=device,
         objective=task.objective(device), max_grad_norm=config.max_grad_norm,
         autocast_dtype=torch_dtype(the_plan.compute_dtype) if half else None,
-        grad_scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" and the_plan.compute_dtype == "fp16" else None,
+        grad_scaler=grad_scaler,
         data_parallel=dp.DataParallel(ranks, [len(e.input_ids) for e in prepared.train], config.seed) if ranks.active else None,
     )  # fmt: skip
     every_seconds = (
@@ -186,8 +193,8 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks) -> TrainResult:
     )
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler,
-        metadata={"identity": identity, "plan": the_plan.to_dict(), "durable_root": getattr(store.backend, "description", None), "world_size": ranks.world_size},
-        every_seconds=every_seconds, every_steps=config.save_every_steps,
+        metadata={**checkpoint_metadata(identity, the_plan, store, run_config), "world_size": ranks.world_size},
+        every_seconds=every_seconds, every_steps=config.save_every_steps, grad_scaler=grad_scaler,
     )  # fmt: skip
     if ranks.active:
         checkpointer = dp.MainRankCheckpointer(checkpointer, ranks)
@@ -287,11 +294,8 @@ def run_steps(
                     if entry is not None:
                         state.eval_history.append(entry)
                         append_step_log(out, entry)
-                if state.step < total_steps and checkpointer.due(state):
-                    checkpointer.save(state)
-                for callback in config.callbacks:
-                    if hasattr(callback, "on_step_end"):
-                        callback.on_step_end(state)
+                # Saves when due, runs the callbacks; interrupted (Ctrl-C, SIGTERM): saves, then stops.
+                checkpointer.at_step_end(state, total_steps, config.callbacks)
                 bar.set_postfix(
                     loss=f"{loss:.4f}", tok_s=f"{throughput.tokens_per_second:.0f}", refresh=False
                 )
