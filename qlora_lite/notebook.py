@@ -41,7 +41,8 @@ from qlora_lite.checkpoint.durable import (
 from qlora_lite.checkpoint.durable import drive_root as drive_root
 from qlora_lite.demo.colab import demo_model  # noqa: F401 (the quickstart cell calls it from here)
 from qlora_lite.errors import UserError
-from qlora_lite.planner.hardware import HardwareProfile, detect, detect_environment
+from qlora_lite.planner.hardware import HardwareProfile, detect_environment
+from qlora_lite.planner.profiles import resolve_hardware
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def setup_colab(
     if smoke and not os.environ.get(DRIVE_ROOT_ENV):
         os.environ[DRIVE_ROOT_ENV] = tempfile.mkdtemp(prefix="qlora-lite-fake-drive-")
     environment = detect_environment()
-    hw = hardware or detect()
+    hw = resolve_hardware(hardware)  # the one place hardware is decided (a profile, a name, or detect)
     notes: list[str] = []
     if hw.accelerator != "cuda":
         if environment == "colab" and not allow_cpu:

@@ -45,7 +45,7 @@ METHODS = {
 
 
 class PeakOfTraining:
-    """Tracks peak memory from the moment the model is ready through the probe and the first two steps
+    """Tracks peak memory from the moment the model is ready through the probe and the first step
     (optimizer states exist from step 1 on). Only those: the CPU tracker sees every op in Python and would
     make a whole run several times slower."""
 
@@ -78,18 +78,18 @@ def run_demo_method(name: str, steps: int, work: Path, device: str) -> dict:
     from qlora_lite.demo.run import accuracy
     from qlora_lite.demo.task import make_dataset
     from qlora_lite.inference.generation import Generator
-    from qlora_lite.training.run import train
+    from qlora_lite.training.api import train
 
     settings, lr = METHODS[name]
     model_dir = ensure_demo_model()
     train_rows, eval_rows = make_dataset(n_train=240, n_eval=8)
     data = work / "demo-data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    peak = PeakOfTraining(device)
+    peak = PeakOfTraining(device, steps=1)
     out = work / f"demo-{name}"
     started = time.time()
     try:
-        result = train(str(model_dir), str(data), str(out), max_steps=steps, effective_batch_size=8,
+        result = train(str(model_dir), str(data), str(out), max_steps=steps, eval_every=steps, effective_batch_size=8,
                        learning_rate=lr, lora_r=16, eval_fraction=0.05, overwrite=True, progress=False,
                        callbacks=[peak], **settings)  # fmt: skip
     finally:
@@ -108,18 +108,18 @@ def run_demo_method(name: str, steps: int, work: Path, device: str) -> dict:
 
 def run_classify_method(name: str, steps: int, work: Path, device: str) -> dict:
     from qlora_lite.demo.classify import make_intent_dataset, minilm_path
-    from qlora_lite.training.classifier import train_classifier
+    from qlora_lite.training.api import train_classifier
 
     settings, lr = METHODS[name]
     train_rows, held_rows = make_intent_dataset()
     for split, rows in (("train", train_rows), ("held", held_rows)):
         (work / f"intent-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    peak = PeakOfTraining(device)
+    peak = PeakOfTraining(device, steps=1)
     out = work / f"classify-{name}"
     started = time.time()
     try:
         result = train_classifier(str(minilm_path()), str(work / "intent-train.jsonl"), str(out),
-                                  eval_data=str(work / "intent-held.jsonl"), max_steps=steps,
+                                  eval_data=str(work / "intent-held.jsonl"), max_steps=steps, eval_every=steps,
                                   effective_batch_size=16, learning_rate=lr * 10 if name in ("ia3",) else lr * 3,
                                   lora_r=16, overwrite=True, progress=False, seed=0, callbacks=[peak],
                                   **settings)  # fmt: skip
@@ -191,7 +191,7 @@ def main() -> int:
               "the classifier, per method, on a CPU shared with other jobs (2 cores): seconds are comparable "
               "within a run only roughly, and accuracies rank what each method learns in a few steps."),
         reading=("Peak memory is the peak of live tensors (CPU) from model ready through the probe and the "
-                 "first two optimizer steps. LoRA-family rates 3e-4 (demo), IA3 3e-3, prompt tuning 3e-2, prefix "
+                 "first optimizer step. LoRA-family rates 3e-4 (demo), IA3 3e-3, prompt tuning 3e-2, prefix "
                  "tuning 3e-3; classifier rates 3x those (IA3 10x)."),
     )  # fmt: skip
     runners = {"demo": run_demo_method, "classify": run_classify_method}

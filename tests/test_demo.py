@@ -31,12 +31,15 @@ def test_demo_gains_at_least_30_points(tmp_path):
 
 def test_demo_path_end_to_end_in_a_few_steps(tmp_path):
     """The demo's whole path (real SmolLM2 in 4-bit, measure before, train, measure after) on a short budget:
-    4 steps on 64 orders, 4 held-out orders. The training loss must fall and the summary must report both."""
+    4 steps on 64 orders, 4 held-out orders. Training must lower the loss on the same held-out examples (a run
+    that does not learn keeps it level) and the summary must report before and after."""
     pytest.importorskip("gguf")
     summary = run_demo(str(tmp_path / "demo"), max_steps=4, n_train=64, n_eval=4, progress=False)
     record = json.loads((tmp_path / "demo" / "run_record.json").read_text())
     losses = [row["loss"] for row in record["history"]]
-    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    held_out = [row["eval_loss"] for row in record["eval_history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert len(held_out) >= 2 and held_out[-1] < held_out[0], held_out
     assert summary["train_metrics"]["steps"] == 4 and summary["held_out_examples"] == 4
     assert 0 <= summary["accuracy_before"] <= 100 and 0 <= summary["accuracy_after"] <= 100
     assert len(summary["samples"]) == 3 and all(s["after"] for s in summary["samples"])

@@ -204,6 +204,8 @@ def test_quickstart_runs_in_smoke_mode_and_reruns_without_reinstalling(kernel_en
     assert f"qlora_lite from {kernel_env['venv']}" in text_of(nb.cells[1])
     first, again = (re.search(r"installed at (\d+)", text_of(nb.cells[i]))[1] for i in (1, 3))
     assert first == again, "re-running the cell reinstalled qlora_lite"
+    # pip kept the torch the environment had (Colab's CUDA build there): none was installed beside it
+    assert not list(kernel_env["venv"].glob("lib/python*/site-packages/torch")), "pip installed a torch"
     assert "trained 3 steps" in text_of(nb.cells[2])  # the finished run, shown again
     assert "plan for detected (cpu)" in text and "quantization" in text  # the plan table
     assert "trained 3 steps" in text

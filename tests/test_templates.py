@@ -88,7 +88,7 @@ def test_a_model_whose_eos_differs_stops_at_the_end_of_turn_it_learned(tmp_path)
 
     rows = [{"instruction": QUESTION, "output": ANSWER}] * 8
     result = qlora_lite.train(
-        str(base_dir), rows, str(tmp_path / "run"), max_steps=120, learning_rate=1e-2, lora_r=8,
+        str(base_dir), rows, str(tmp_path / "run"), max_steps=80, learning_rate=1e-2, lora_r=8, eval_every=80,
         quantization="none", micro_batch_size=4, effective_batch_size=4, eval_generations=1,
         sample_generations=0, progress=False, lr_scheduler="constant",
     )  # fmt: skip
