@@ -56,7 +56,8 @@ class SignalAt:
     # Forward calls in training mode: 1 is the probe; step k runs 2k and 2k+1 (two micro-batches).
     def forward(self, module, args) -> None:
         if not module.training:
-            if self.point == "eval":
+            # the periodic evaluation, after training started (not the eval-mode fast-path check before it)
+            if self.point == "eval" and self.forwards > 0:
                 self.fire()
             return
         self.forwards += 1
