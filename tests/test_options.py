@@ -90,11 +90,12 @@ def test_planner_knobs_are_the_declared_ones_and_the_plan_flags_are_the_knobs():
     assert set(options.IDENTITY_SETTINGS) == {
         "max_steps", "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
         "seed", "eval_fraction", "train_on", "lora_alpha", "lora_dropout", "format", "chat_template", "data_config",
-        "data_split",
+        "data_split", "warmup_steps", "eval_data", "early_stopping_patience", "keep_best",
     }  # fmt: skip
     assert set(options.KEPT_ON_RESUME) == {
         "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",
         "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules",
+        "packing", "chunked_loss",  # [13]: a checkpoint from before them resumes with both off
     }  # fmt: skip
 
 
