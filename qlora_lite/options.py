@@ -128,6 +128,7 @@ class Option:
     metavar: str | None = None
     card: str | None = None  # the model card row that shows it
     peft: str | None = None  # the PeftSettings field it sets (qlora_lite.model.peft_methods)
+    recipe_names: tuple[str, ...] = ()  # other names a YAML recipe may use (Hugging Face / TRL / Axolotl)
 
     @property
     def cli_flag(self) -> str:
@@ -164,26 +165,31 @@ OPTIONS: tuple[Option, ...] = (
     Option("train_on", str, "assistant", "assistant: loss on responses only; all: on every token", choices=("assistant", "all"), commands=frozenset({TRAIN}), resume="match"),
     # schedule
     Option("max_steps", int, None, "optimizer steps (default: --epochs over the data)", check=at_least(1), resume="match", card="steps planned"),
-    Option("epochs", float, 1.0, "passes over the data when --max-steps is not set", check=above(0), resume="match"),
+    Option("epochs", float, 1.0, "passes over the data when --max-steps is not set", check=above(0), resume="match", recipe_names=("num_train_epochs",)),
     Option("learning_rate", float, 2e-4, "peak learning rate", check=between(0, 1, "(0, 1)"), resume="match", card="learning rate"),
-    Option("lr_scheduler", str, "cosine", "learning-rate schedule", choices=SCHEDULERS, resume="match", card="learning-rate schedule"),
+    Option("lr_scheduler", str, "cosine", "learning-rate schedule", choices=SCHEDULERS, resume="match", card="learning-rate schedule", recipe_names=("lr_scheduler_type",)),
     Option("warmup_ratio", float, 0.03, "share of the steps spent warming up", check=at_least(0), resume="match"),
+    Option("warmup_steps", int, None, "warm-up steps (overrides --warmup-ratio)", check=at_least(0), resume="match"),
     Option("weight_decay", float, 0.0, "AdamW weight decay", check=at_least(0), resume="match"),
     Option("max_grad_norm", float, 1.0, "gradient clipping norm (0: off)", check=at_least(0), resume="match"),
     Option("seed", int, 42, "seed of the data order, the split and the LoRA init", resume="match"),
-    Option("eval_every", int, None, "optimizer steps between evaluations (default: about 5 per run)", check=at_least(1)),
+    Option("eval_data", str, None, "a held-out data file (or Hub data set) instead of the --eval-fraction split", commands=frozenset({TRAIN}), resume="match", metavar="FILE"),
+    Option("early_stopping_patience", int, None, "stop after this many evaluations without a lower eval loss", check=at_least(1), resume="match", metavar="N"),
+    Option("keep_best", bool, False, "keep the best-eval adapter as the run's adapter (the last one stays in the newest checkpoint)", action="store_true", check=BOOL, resume="match"),
+    Option("report_to", str, None, "experiment tracking: none, tensorboard, wandb, trackio (several joined by commas)", metavar="NAME[,NAME]"),
+    Option("eval_every", int, None, "optimizer steps between evaluations (default: about 5 per run)", check=at_least(1), recipe_names=("eval_steps",)),
     Option("eval_generations", int, 0, "held-out prompts scored by exact/contains match before/after", check=at_least(0), commands=frozenset({TRAIN})),
     Option("sample_generations", int, 3, "held-out answers shown side by side before/after", check=at_least(0), commands=frozenset({TRAIN})),
     # LoRA (rank and targets are planner knobs too: they change memory)
-    _knob("lora_r", int, "LoRA rank", check=POSITIVE_INT, resume="kept", card="LoRA rank"),
+    _knob("lora_r", int, "LoRA rank", check=POSITIVE_INT, resume="kept", card="LoRA rank", recipe_names=("r",)),
     Option("lora_alpha", int, None, "LoRA alpha (default: 2 x rank)", resume="match", card="LoRA alpha", peft="alpha"),
     Option("lora_dropout", float, 0.05, "dropout on the LoRA input", check=between(0, 1, "[0, 1)"), resume="match", card="LoRA dropout", peft="dropout"),
-    _knob("lora_target_modules", modules_arg, "modules that get LoRA: a preset or names", metavar="all-linear|attention|mlp|a,b,...", aliases=("--target-modules",), resume="kept", card="LoRA targets"),
+    _knob("lora_target_modules", modules_arg, "modules that get LoRA: a preset or names", metavar="all-linear|attention|mlp|a,b,...", aliases=("--target-modules",), resume="kept", card="LoRA targets", recipe_names=("target_modules",)),
     # PEFT method (model/peft_methods.py says what each costs; the planner accounts for it). Unset: plain LoRA.
     Option("peft_method", str, "lora", "the PEFT method", choices=tuple(METHODS), commands=EVERYWHERE, resume="match_if_set", peft="method"),
     Option("lora_method", str, "lora", "dora: weight-decomposed LoRA", choices=LORA_METHODS, commands=EVERYWHERE, resume="match_if_set", peft="lora_method"),
-    Option("rslora", bool, False, "scale by alpha/sqrt(r) instead of alpha/r", action="store_true", commands=EVERYWHERE, resume="match_if_set", peft="rslora"),
-    Option("lora_plus_ratio", float, None, "LoRA+: B matrices learn at R x the learning rate", metavar="R", check=above(0), commands=EVERYWHERE, resume="match_if_set", peft="lora_plus_ratio"),
+    Option("rslora", bool, False, "scale by alpha/sqrt(r) instead of alpha/r", action="store_true", commands=EVERYWHERE, resume="match_if_set", peft="rslora", recipe_names=("use_rslora", "peft_use_rslora")),
+    Option("lora_plus_ratio", float, None, "LoRA+: B matrices learn at R x the learning rate", metavar="R", check=above(0), commands=EVERYWHERE, resume="match_if_set", peft="lora_plus_ratio", recipe_names=("loraplus_lr_ratio",)),
     Option("init_lora_weights", str, "default", "LoRA init (default: A random, B zero)", choices=tuple(INITS), commands=EVERYWHERE, resume="match_if_set", peft="init"),
     Option("loftq_iter", int, 1, "LoftQ alternations", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="loftq_iter"),
     Option("rank_pattern", pattern_arg, None, "per-layer ranks", metavar="REGEX=R,...", commands=EVERYWHERE, resume="match_if_set", peft="rank_pattern"),
@@ -191,12 +197,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_virtual_tokens", int, 20, "virtual tokens of prompt/prefix tuning", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="num_virtual_tokens"),
     # planner knobs
     _knob("quantization", str, "base weights: 4-bit NF4, 8-bit or none", choices=QUANTIZATIONS, resume="kept", card="quantization"),
-    _knob("double_quant", on_off, "quantize the 4-bit scales too", metavar="on|off", check=BOOL, resume="kept", card="double quantization"),
+    _knob("double_quant", on_off, "quantize the 4-bit scales too", metavar="on|off", check=BOOL, resume="kept", card="double quantization", recipe_names=("bnb_4bit_use_double_quant",)),
     _knob("compute_dtype", str, "dtype of the matmuls", choices=tuple(COMPUTE_DTYPES), resume="kept", card="compute dtype"),
-    _knob("micro_batch_size", int, "examples per forward/backward", check=POSITIVE_INT),
+    _knob("micro_batch_size", int, "examples per forward/backward", check=POSITIVE_INT, recipe_names=("per_device_train_batch_size",)),
     _knob("gradient_accumulation_steps", int, "micro-batches per optimizer step", check=POSITIVE_INT),
     _knob("effective_batch_size", int, "examples per optimizer step", check=POSITIVE_INT, resume="kept"),
-    _knob("max_seq_length", int, "tokens per example (longer ones are truncated)", check=POSITIVE_INT, resume="kept", card="max sequence length"),
+    _knob("max_seq_length", int, "tokens per example (longer ones are truncated)", check=POSITIVE_INT, resume="kept", card="max sequence length", recipe_names=("max_length", "sequence_len")),
     _knob("gradient_checkpointing", on_off, "recompute activations in backward", metavar="on|off", check=BOOL, resume="kept", card="gradient checkpointing"),
     _knob("optimizer", str, "optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), resume="kept", card="optimizer"),
     _knob("attn_implementation", str, "attention kernel", choices=ATTENTION, resume="kept", card="attention"),
@@ -204,8 +210,8 @@ OPTIONS: tuple[Option, ...] = (
     # never lose work
     Option("checkpoint_dir", str, None, "durable place for checkpoints: a folder or hf://user/repo (default: Google Drive when mounted)"),
     Option("save_every_minutes", float, None, "minutes between checkpoints (default: the plan's interval, at most 10)", check=above(0)),
-    Option("save_every_steps", int, None, "optimizer steps between checkpoints", check=at_least(1)),
-    Option("keep_checkpoints", int, 2, "verified checkpoints kept", check=at_least(1)),
+    Option("save_every_steps", int, None, "optimizer steps between checkpoints", check=at_least(1), recipe_names=("save_steps",)),
+    Option("keep_checkpoints", int, 2, "verified checkpoints kept", check=at_least(1), recipe_names=("save_total_limit",)),
     Option("resume", str, "auto", "auto: continue the same run if found; never: start afresh (older checkpoints moved aside, kept); force: even if settings differ; local: from this machine's checkpoints when the durable place cannot be listed", choices=RESUME_MODES),
     Option("public_checkpoints", bool, False, "allow checkpoints in a public Hub repo (refused otherwise)", action="store_true"),
     # ship (the token comes from HF_TOKEN / `hf auth login` / the Colab secret, never from a setting)

@@ -64,34 +64,29 @@ def _renamed(option: str) -> Callable[[Any, str], dict[str, Any]]:
     return lambda value, where: {option: value}
 
 
-# The ecosystem's names -> ours. Same meaning; a plain rename unless a value needs translating.
-ALIASES: dict[str, Callable[[Any, str], dict[str, Any]]] = {
+# Names that translate a value (an HF boolean or optimizer name); plain renames come from each option's
+# `aliases` in qlora_lite.options, where the option is declared.
+TRANSLATED: dict[str, Callable[[Any, str], dict[str, Any]]] = {
     "model_name_or_path": _renamed("model"),
     "base_model": _renamed("model"),  # Axolotl
     "dataset": _renamed("data"),
-    "num_train_epochs": _renamed("epochs"),
-    "per_device_train_batch_size": _renamed("micro_batch_size"),
-    "lr_scheduler_type": _renamed("lr_scheduler"),
     "optim": _optim,
     "bf16": _flag("compute_dtype", "bf16"),
     "fp16": _flag("compute_dtype", "fp16"),
-    "max_length": _renamed("max_seq_length"),
-    "sequence_len": _renamed("max_seq_length"),  # Axolotl
-    "save_steps": _renamed("save_every_steps"),
-    "save_total_limit": _renamed("keep_checkpoints"),
-    "eval_steps": _renamed("eval_every"),
     "load_in_4bit": _flag("quantization", "nf4"),
     "load_in_8bit": _flag("quantization", "int8"),
     "bnb_4bit_quant_type": _quant_type,
-    "bnb_4bit_use_double_quant": _renamed("double_quant"),
-    "r": _renamed("lora_r"),
-    "target_modules": _renamed("lora_target_modules"),
     "use_dora": _flag("lora_method", "dora"),  # PEFT / Axolotl (peft_use_dora)
     "peft_use_dora": _flag("lora_method", "dora"),
-    "use_rslora": _renamed("rslora"),
-    "peft_use_rslora": _renamed("rslora"),
-    "loraplus_lr_ratio": _renamed("lora_plus_ratio"),  # PEFT's create_loraplus_optimizer / Axolotl
 }
+
+
+def aliases() -> dict[str, Callable[[Any, str], dict[str, Any]]]:
+    """Every name a recipe may use besides the option names: declared aliases plus the translated ones."""
+    from qlora_lite.options import OPTIONS
+
+    declared = {alias: _renamed(o.name) for o in OPTIONS for alias in o.recipe_names}
+    return {**declared, **TRANSLATED}
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -132,10 +127,14 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
     return data, lines
 
 
-def load_recipe(path: str | os.PathLike, known: Iterable[str]) -> dict[str, Any]:
-    """{option: value} from a recipe, aliases translated; `known` are the option names the command takes."""
+def load_recipe(path: str | os.PathLike, known: Iterable[str] | None = None) -> dict[str, Any]:
+    """{option: value} from a recipe, aliases translated; `known`: the option names the command takes
+    (default: every option)."""
+    from qlora_lite.options import OPTIONS
+
     data, lines = read_yaml(path)
-    known = set(known) | set(PLACES)
+    known = set(known if known is not None else (o.name for o in OPTIONS)) | set(PLACES)
+    table = aliases()
     options: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in data.items():
@@ -143,10 +142,10 @@ def load_recipe(path: str | os.PathLike, known: Iterable[str]) -> dict[str, Any]
         key_text = str(key)
         if key_text in known:
             found = {key_text: value}
-        elif key_text in ALIASES:
-            found = ALIASES[key_text](value, f"{where} ({key_text})")
+        elif key_text in table:
+            found = table[key_text](value, f"{where} ({key_text})")
         else:
-            close = difflib.get_close_matches(key_text, sorted(known | set(ALIASES)), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key_text, sorted(known | set(table)), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"{where}: unknown key {key_text!r}{hint}")
         for option, converted in found.items():
@@ -158,6 +157,29 @@ def load_recipe(path: str | os.PathLike, known: Iterable[str]) -> dict[str, Any]
             options[option] = converted
             origin[option] = f"{key_text!r} (line {lines.get(key, '?')})"
     return options
+
+
+def apply_recipe(
+    path: str | os.PathLike | None, places: Mapping[str, Any], explicit: Mapping[str, Any], command: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(places, settings) for `command` ("train", "plan", "train-classifier"): the recipe at `path` (if any)
+    under what was given explicitly. Recipe values are checked, each problem naming the file and key; a
+    training recipe plans as it is (plan ignores its training-only keys)."""
+    from qlora_lite.options import for_command
+    from qlora_lite.options import problems as option_problems
+
+    recipe = load_recipe(path) if path else {}
+    applies = {o.name for o in for_command(command)}
+    settings = {k: v for k, v in recipe.items() if k not in PLACES}
+    other = sorted(set(settings) - applies)
+    if other and command != "plan":
+        raise UserError(f"{path}: {', '.join(other)} does not apply to `qlora-lite {command}`")
+    settings = {k: v for k, v in settings.items() if k in applies}
+    found = option_problems(settings, {name: f"{path}: {name}" for name in settings})
+    if found:
+        raise UserError("; ".join(found))
+    merged_places = {k: (v if v is not None else recipe.get(k)) for k, v in places.items()}
+    return merged_places, merge(settings, explicit)
 
 
 def merge(recipe: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, Any]:

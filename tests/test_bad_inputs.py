@@ -121,3 +121,10 @@ def test_corrupt_run_files_and_loop_state_are_one_line_and_nothing_is_lost(tiny_
     with pytest.raises(UserError, match="could not be restored.*kept"):
         qlora_lite.train(tiny_model, str(data), out, save_every_steps=1, **SETTINGS)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_cli_errors_name_the_flag_typed(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    argv = ["train", "--model", "m", "--data", str(data), "--output", str(tmp_path / "r"), "--max-steps", "0"]
+    assert "--max-steps must be >= 1" in cli_error(capsys, argv)

@@ -14,7 +14,7 @@ import pickle
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -171,9 +171,11 @@ class Checkpointer:
         every_seconds: float,
         every_steps: int | None = None,
         grad_scaler: Any = None,
+        extra_files: Callable[[], dict[str, bytes]] | None = None,
     ) -> None:
         self.store, self.model, self.optimizer, self.scheduler = store, model, optimizer, scheduler
         self.grad_scaler = grad_scaler
+        self.extra_files = extra_files  # more state to save with each checkpoint (the best adapter so far)
         self.interrupts: Any = None  # a DeferredInterrupts while the loop runs
         self.metadata = metadata
         self.every_seconds, self.every_steps = every_seconds, every_steps
@@ -223,6 +225,7 @@ class Checkpointer:
             SCHEDULER: _torch_bytes(self.scheduler.state_dict()),
             RNG: _torch_bytes(capture_rng()),
             LOOP: json.dumps(asdict(state)).encode(),
+            **(self.extra_files() if self.extra_files else {}),
         }
         if self.grad_scaler is not None:
             files[SCALER] = _torch_bytes(self.grad_scaler.state_dict())

@@ -46,11 +46,9 @@ def add_classify_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
     t = sub.add_parser("train-classifier", help="train LoRA + a classification head on labelled texts")
-    t.add_argument("--model", required=True, help="model folder or Hub id (decoder or encoder)")
-    t.add_argument(
-        "--data", required=True, help="JSONL, JSON, CSV or Parquet file with text + label, or a Hub data set"
-    )
-    t.add_argument("--output", required=True, help="run folder to write")
+    t.add_argument("--model", help="model folder or Hub id (decoder or encoder)")
+    t.add_argument("--data", help="JSONL, JSON, CSV or Parquet file with text + label, or a Hub data set")
+    t.add_argument("--output", help="run folder to write")
     t.add_argument("--eval-data", help="held-out file (default: a stratified --eval-fraction split)")
     t.add_argument("--text-column", help="default: text/sentence/content")
     t.add_argument("--label-column", help="default: label/labels/category/intent/class")

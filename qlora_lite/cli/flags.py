@@ -41,7 +41,13 @@ def _add(target: Any, option: Option) -> None:
 
 
 def add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    """One flag per option declared for `command` ("train", "plan", "train-classifier"); unset = None."""
+    """One flag per option declared for `command` ("train", "plan", "train-classifier"); unset = None.
+    `--config recipe.yaml` gives any of them (and the model, data, output) from a file; flags win."""
+    parser.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        help="a YAML recipe: every option as a key (Hugging Face names accepted); flags override it",
+    )
     options = for_command(command)
     settings = parser.add_argument_group("settings") if command != "plan" else None
     knobs = parser.add_argument_group(_PLANNER_GROUP)
@@ -57,8 +63,16 @@ def add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
         )
 
 
+# The place flags of the training commands and the recipe keys that fill them.
+_PLACES = (("model", "model", "--model"), ("data", "data", "--data"), ("output", "output_dir", "--output"))
+
+
 def settings_from_args(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """The options the user gave on the command line for `command`, each checked (UserError naming the flag)."""
+    """The options the user gave for `command` — on the command line, over the `--config` recipe's — each
+    checked (UserError naming the flag as typed, or the recipe file and key). The recipe's model, data and
+    output fill `args.model` / `args.data` / `args.output` where no flag was given."""
+    from qlora_lite.recipe import apply_recipe
+
     given = {
         o.name: getattr(args, o.name) for o in for_command(command) if getattr(args, o.name, None) is not None
     }
@@ -67,7 +81,17 @@ def settings_from_args(args: argparse.Namespace, command: str) -> dict[str, Any]
     ]
     if problems:
         raise UserError("; ".join(problems))
-    return given
+    # `plan` sizes the sequence length from --data when given, but not from a training recipe's data, which
+    # may be a Hub data set or a file on another machine: a recipe plans from the model alone.
+    places_of = [p for p in _PLACES if hasattr(args, p[0]) and not (command == "plan" and p[0] == "data")]
+    present = {key: getattr(args, dest) for dest, key, _ in places_of}
+    places, settings = apply_recipe(getattr(args, "config", None), present, given, command)
+    for dest, key, flag in places_of:
+        value = places[key]
+        setattr(args, dest, None if value is None else str(value))
+        if value is None:
+            raise UserError(f"{flag} is required (or `{key}:` in the --config recipe)")
+    return settings
 
 
 def print_result(result) -> None:

@@ -24,7 +24,6 @@ def add_plan_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--model",
-        required=True,
         help="model folder (config.json is enough), config.json, or a Hub id org/name[@revision] "
         "(only its config.json is fetched)",
     )

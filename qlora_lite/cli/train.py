@@ -13,11 +13,9 @@ from qlora_lite.options import TRAIN
 
 def add_parsers(sub: Any) -> None:
     t = sub.add_parser("train", help="train a LoRA adapter on a data file")
-    t.add_argument("--model", required=True, help="model folder or Hub id")
-    t.add_argument(
-        "--data", required=True, help="JSONL, JSON, CSV or Parquet file, or a Hub data set org/name[@REV]"
-    )
-    t.add_argument("--output", required=True, help="run folder to write")
+    t.add_argument("--model", help="model folder or Hub id")
+    t.add_argument("--data", help="JSONL, JSON, CSV or Parquet file, or a Hub data set org/name[@REV]")
+    t.add_argument("--output", help="run folder to write")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument(
         "--gpus",

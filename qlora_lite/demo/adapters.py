@@ -101,12 +101,14 @@ def _switch_vs_reload(aset: AdapterSet, runs: dict[str, Path], repeats: int = 2)
     reload = []
     for _ in range(repeats):
         started = time.perf_counter()
-        Generator(runs["dates"]).complete([prompt], max_new_tokens=1)
+        Generator(runs["orders"]).complete(
+            [prompt], max_new_tokens=1
+        )  # a run folder: its record names the base
         reload.append(time.perf_counter() - started)
     started = time.perf_counter()
-    aset.load("dates-again", str(runs["dates"]))
+    aset.load("orders-again", str(runs["orders"]))
     load_adapter = time.perf_counter() - started
-    aset.unload("dates-again")
+    aset.unload("orders-again")
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {
         "switch_seconds_median": median(switch),

@@ -150,6 +150,7 @@ def render_model_card(
          f" = {plan.get('effective_batch_size')}"),
         *setting_rows(record),
         ("predicted peak memory", _size(plan.get("peak_memory_bytes")) if plan.get("peak_memory_bytes") else None),
+        ("measured peak memory", _measured_peak(record, plan)),
     ])  # fmt: skip
     metric_table = _rows([
         ("train loss (last step)", metrics.get("train_loss")),
@@ -241,3 +242,13 @@ print(labels["names"][logits.argmax(-1).item()])
 With qlora_lite: `qlora_lite.classify("{repo_id}", ["turn the lights off"])`, or
 `qlora-lite classify {repo_id} "turn the lights off"`.
 """
+
+
+def _measured_peak(record: dict, plan: dict) -> str | None:
+    """The run's measured peak and how far the planner's prediction was from it (the planner's accuracy)."""
+    measured = (record.get("measured_peak") or {}).get("bytes")
+    if not measured:
+        return None
+    predicted = plan.get("peak_memory_bytes")
+    off = f" (prediction {100 * (predicted - measured) / measured:+.0f}%)" if predicted else ""
+    return f"{_size(measured)}{off}"

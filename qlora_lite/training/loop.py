@@ -51,6 +51,14 @@ class LoopState:
     oom_backoffs: int = 0
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
     eval_history: list[dict] = field(default_factory=list)
+    # early stopping / best adapter (training.early_stopping): restored on resume like the rest
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early_at: int | None = None
+    # measured peak memory of this run (training.peak_of_run), next to the planner's prediction in the record
+    measured_peak_bytes: int | None = None
+    measured_peak_how: str | None = None
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:

@@ -30,7 +30,9 @@ from qlora_lite.planner.hardware import HardwareProfile
 from qlora_lite.planner.planning import Plan, make_plan
 from qlora_lite.planner.profiles import resolve_hardware
 from qlora_lite.training import distributed as dp
+from qlora_lite.training.early_stopping import BEST_ADAPTER, BestTracker
 from qlora_lite.training.loop import StepRunner, Throughput, step_examples, steps_per_epoch
+from qlora_lite.training.peak_of_run import PeakOfRun
 from qlora_lite.training.record import (
     LOSS_PLOT,
     RUN_CONFIG,
@@ -53,6 +55,7 @@ from qlora_lite.training.setup import (
     start_or_restore,
 )
 from qlora_lite.training.tasks import PreparedData, Task, TrainResult  # noqa: F401 (re-exported)
+from qlora_lite.training.tracking import Trackers, parse_report_to
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,11 @@ def run(config: TrainConfig, task: Task) -> TrainResult:
     try:
         if ranks.active and not task.distributed:
             raise UserError(f"the {task.name} task trains in one process: start it without torchrun/--gpus")
+        if ranks.active and config.early_stopping_patience is not None:
+            # Evaluation runs on rank 0 alone; its stop decision is not shared with the other ranks yet.
+            raise UserError(
+                "--early-stopping-patience trains in one process: start it without torchrun/--gpus"
+            )
         with contextlib.ExitStack() as cleanup:  # the run folder's lock and checkpoint store, always released
             return _run(config, task, ranks, cleanup)
     finally:
@@ -191,8 +199,11 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
     every_seconds = (
         config.save_every_minutes * 60 if config.save_every_minutes else the_plan.checkpoint_every_seconds
     )
+    best = BestTracker(patience=config.early_stopping_patience, keep_best=config.keep_best)
+    if latest is not None and BEST_ADAPTER in latest.files:
+        best.restore(store.read(latest, BEST_ADAPTER))
     checkpointer = Checkpointer(
-        store, model, optimizer, scheduler,
+        store, model, optimizer, scheduler, extra_files=best.checkpoint_files,
         metadata={**checkpoint_metadata(identity, the_plan, store, run_config), "world_size": ranks.world_size},
         every_seconds=every_seconds, every_steps=config.save_every_steps, grad_scaler=grad_scaler,
     )  # fmt: skip
@@ -200,10 +211,19 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
         checkpointer = dp.MainRankCheckpointer(checkpointer, ranks)
     eval_every = config.eval_every or max(1, total_steps // 5)
     log_to = out if ranks.is_main else None  # ranks other than 0 neither log, evaluate nor show progress
-    train_seconds = probe_train_and_checkpoint(
-        runner, state, prepared.train, checkpointer, store,
-        lambda: run_steps(task, config, log_to, prepared, runner, checkpointer, state, total_steps, the_plan, eval_every),
-    )  # fmt: skip
+    names = parse_report_to(config.report_to) if ranks.is_main else ()
+    trackers = Trackers(names, out, out.name, start_step=state.step)
+    trackers.log_params({"settings": config.settings(), "plan": the_plan.to_dict(), "model": config.model})
+    try:
+        train_seconds = probe_train_and_checkpoint(
+            runner, state, prepared.train, checkpointer, store,
+            lambda: run_steps(task, config, log_to, prepared, runner, checkpointer, state, total_steps, the_plan, eval_every, best, trackers),
+        )  # fmt: skip
+    finally:
+        trackers.close()
+    if ranks.is_main and best.apply_best(model):
+        # The run's adapter is the best-eval one; the last weights stay in the newest checkpoint.
+        log.info("kept the adapter of step %d (eval loss %.4f)", state.best_step, state.best_eval_loss)
 
     metrics = run_metrics(state, time.time() - started, train_seconds, checkpointer)
     if not ranks.is_main:
@@ -226,6 +246,13 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
     )  # fmt: skip
     record.update(finish.record, world_size=ranks.world_size)
     record["data"].update(data.record)  # e.g. a Hub data set's id and the commit the records came from
+    record["best"] = {
+        "step": state.best_step,
+        "eval_loss": state.best_eval_loss,
+        "kept": best.best_weights is not None,
+    }
+    record["stopped_early_at"] = state.stopped_early_at
+    record["measured_peak"] = {"bytes": state.measured_peak_bytes, "how": state.measured_peak_how}
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
     if config.push_to_hub:
@@ -251,6 +278,8 @@ def run_steps(
     total_steps: int,
     the_plan: Plan,
     eval_every: int,
+    best: BestTracker | None = None,
+    trackers: Trackers | None = None,
 ) -> None:
     """The optimizer steps from `state.step` to `total_steps`: eval, step log, checkpoints, progress bar.
 
@@ -266,15 +295,22 @@ def run_steps(
         unit="step",
         dynamic_ncols=True,
     )
-    # Log lines (checkpoints saved, evals) print above the bar instead of breaking it.
-    with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("qlora_lite")]):
+    best = best or BestTracker()
+    trackers = trackers or Trackers((), out, "run")
+    # Log lines (checkpoints saved, evals) print above the bar instead of breaking it. Only the loggers that
+    # print (have handlers) are redirected: redirecting both the package logger and the root it propagates to
+    # printed every line twice.
+    printing = [lg for lg in (logging.getLogger(), logging.getLogger("qlora_lite")) if lg.handlers]
+    peak = PeakOfRun(runner.device)
+    with logging_redirect_tqdm(loggers=printing):
         try:
-            while state.step < total_steps:
+            while state.step < total_steps and state.stopped_early_at is None:
                 indices = step_examples(
                     state.step, len(prepared.train), the_plan.effective_batch_size, config.seed
                 )
                 t0 = time.perf_counter()
-                loss = runner.run(indices, state)
+                with peak.measure(runner, state):
+                    loss = runner.run(indices, state)
                 seconds = time.perf_counter() - t0
                 tokens = sum(len(prepared.train[i].input_ids) for i in indices)
                 state.step += 1
@@ -289,11 +325,19 @@ def run_steps(
                 state.history.append(row)
                 if out is not None:
                     append_step_log(out, row)
+                    trackers.log_row(row)
                 if out is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     entry = task.evaluate(runner, prepared, state)
                     if entry is not None:
                         state.eval_history.append(entry)
                         append_step_log(out, entry)
+                        trackers.log_row(entry)
+                        if best.update(state, entry["eval_loss"], runner.model):
+                            log.info(
+                                "early stopping at step %d: eval loss has not improved for %d evaluations "
+                                "(best %.4f at step %d)", state.step, state.evals_since_best,
+                                state.best_eval_loss, state.best_step,
+                            )  # fmt: skip
                 # Saves when due, runs the callbacks; interrupted (Ctrl-C, SIGTERM): saves, then stops.
                 checkpointer.at_step_end(state, total_steps, config.callbacks)
                 bar.set_postfix(
@@ -302,3 +346,4 @@ def run_steps(
                 bar.update(1)
         finally:
             bar.close()
+            peak.finish(state)

@@ -242,6 +242,13 @@ def finished_record(out: Path, identity: dict) -> dict | None:
     )
 
 
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """`warmup_steps` when set, else `warmup_ratio` of the run."""
+    if config.warmup_steps is not None:
+        return min(config.warmup_steps, total_steps)
+    return int(config.warmup_ratio * total_steps)
+
+
 def make_grad_scaler(device: torch.device, compute_dtype: str) -> torch.amp.GradScaler | None:
     """fp16 on CUDA (T4, V100) scales the loss; its state is checkpointed with the rest."""
     return torch.amp.GradScaler("cuda") if device.type == "cuda" and compute_dtype == "fp16" else None
@@ -259,7 +266,7 @@ def start_or_restore(
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_warmup_steps=warmup_steps(config, total_steps),
         num_training_steps=total_steps,
     )
     state = LoopState(micro_batch_size=the_plan.micro_batch_size)

@@ -114,6 +114,7 @@ class CausalLM:
         # data source (a Hub data set at its commit, or what the user gave).
         self.records, self.spec, self.source = records, spec, source
         self.config = None
+        self.eval_records: list[dict] | None = None
         self.template: str | None = None  # the chat template applied to the tokenizer
 
     def read(self, config) -> TaskData:
@@ -123,9 +124,15 @@ class CausalLM:
             self.records, self.spec = data_mod.load_dataset_for_training(
                 self.source, format=config.format, columns=config.columns
             )
+        self.eval_records = None
+        identity = {}
+        if config.eval_data is not None:  # a separate held-out set, in the same format, replaces the split
+            self.eval_records = data_mod.load_records(config.eval_data)
+            data_mod.to_conversations(self.eval_records, self.spec)  # its problems are reported now
+            identity = {"eval_data_fingerprint": data_mod.fingerprint(self.eval_records, self.spec)}
         described = self.source.describe() if isinstance(self.source, HubDataset) else {}
         fingerprint = data_mod.fingerprint(self.records, self.spec)
-        return TaskData(self.spec, fingerprint, len(self.records), record=described)
+        return TaskData(self.spec, fingerprint, len(self.records), identity=identity, record=described)
 
     def check_checkpoint(self, latest) -> None:
         return None
@@ -135,9 +142,12 @@ class CausalLM:
         if self.template is None:
             self.template = apply_chat_template_choice(tokenizer, config.chat_template)
         conversations = data_mod.to_conversations(self.records, self.spec)
-        train_items, eval_items = data_mod.split_train_eval(
-            conversations, config.eval_fraction, seed=config.seed
-        )
+        if self.eval_records is not None:
+            train_items, eval_items = conversations, data_mod.to_conversations(self.eval_records, self.spec)
+        else:
+            train_items, eval_items = data_mod.split_train_eval(
+                conversations, config.eval_fraction, seed=config.seed
+            )
         train, stats = encode_mod.encode_dataset(
             train_items, tokenizer, max_seq_length, train_on=config.train_on
         )
