@@ -34,7 +34,9 @@ def test_demo_path_end_to_end_in_a_few_steps(tmp_path):
     4 steps on 64 orders, 4 held-out orders. Training must lower the loss on the same held-out examples (a run
     that does not learn keeps it level) and the summary must report before and after."""
     pytest.importorskip("gguf")
-    summary = run_demo(str(tmp_path / "demo"), max_steps=4, n_train=64, n_eval=4, progress=False)
+    summary = run_demo(
+        str(tmp_path / "demo"), max_steps=4, n_train=64, n_eval=4, progress=False, sample_generations=0
+    )  # the demo measures before/after itself: no extra samples inside train()
     record = json.loads((tmp_path / "demo" / "run_record.json").read_text())
     losses = [row["loss"] for row in record["history"]]
     held_out = [row["eval_loss"] for row in record["eval_history"]]

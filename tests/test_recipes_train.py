@@ -154,3 +154,15 @@ def test_resume_mid_way_with_patience_is_exact(tiny_model, files, tmp_path):
     b = json.loads((killed / "run_record.json").read_text())
     assert (a["best"], a["stopped_early_at"]) == (b["best"], b["stopped_early_at"])
     assert same_adapter(whole, killed)
+
+
+def test_each_log_line_is_printed_once_under_the_progress_bar(tiny_model, files, tmp_path):
+    out = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "qlora_lite", "train", "--model", tiny_model, "--data", files["train"],
+           "--output", str(out), "--max-steps", "2", "--save-every-steps", "1", "--lora-r", "4",
+           "--micro-batch-size", "2", "--effective-batch-size", "4"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = [line for line in done.stderr.splitlines() if "checkpoint-000001 (" in line and "saved" in line]
+    assert len(saved) == 1, done.stderr[-3000:]

@@ -81,14 +81,16 @@ def settings_from_args(args: argparse.Namespace, command: str) -> dict[str, Any]
     ]
     if problems:
         raise UserError("; ".join(problems))
-    present = {key: getattr(args, dest) for dest, key, _ in _PLACES if hasattr(args, dest)}
+    # `plan` sizes the sequence length from --data when given, but not from a training recipe's data, which
+    # may be a Hub data set or a file on another machine: a recipe plans from the model alone.
+    places_of = [p for p in _PLACES if hasattr(args, p[0]) and not (command == "plan" and p[0] == "data")]
+    present = {key: getattr(args, dest) for dest, key, _ in places_of}
     places, settings = apply_recipe(getattr(args, "config", None), present, given, command)
-    for dest, key, flag in _PLACES:
-        if hasattr(args, dest):
-            value = places[key]
-            setattr(args, dest, None if value is None else str(value))
-            if value is None and (dest != "data" or command != "plan"):
-                raise UserError(f"{flag} is required (or `{key}:` in the --config recipe)")
+    for dest, key, flag in places_of:
+        value = places[key]
+        setattr(args, dest, None if value is None else str(value))
+        if value is None:
+            raise UserError(f"{flag} is required (or `{key}:` in the --config recipe)")
     return settings
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+from qlora_lite.demo.task import distinct_examples, prompt_for  # noqa: F401 (prompt_for re-exported)
+
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]  # fmt: skip
 TEMPLATES = [
@@ -36,19 +38,7 @@ def make_example(rng: random.Random) -> dict[str, str]:
 
 def make_dataset(n_train: int = 480, n_eval: int = 16, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train and held-out examples; the held-out inputs never appear in training."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < n_train + n_eval:
-        row = make_example(rng)
-        if row["input"] not in seen:
-            seen.add(row["input"])
-            rows.append(row)
-    return rows[:n_train], rows[n_train:]
-
-
-def prompt_for(row: dict[str, str]) -> str:
-    return f"{row['instruction']}\n\n{row['input']}"
+    return distinct_examples(make_example, n_train, n_eval, seed)
 
 
 def is_correct(answer: str, row: dict[str, str]) -> bool:

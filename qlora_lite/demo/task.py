@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 ITEMS = ["lamp", "chair", "mug", "notebook", "backpack", "kettle", "scarf", "umbrella", "pillow", "candle",
          "towel", "clock", "vase", "blanket", "bottle", "jacket"]  # fmt: skip
@@ -49,11 +50,18 @@ def make_example(rng: random.Random) -> dict[str, str]:
 
 def make_dataset(n_train: int = 480, n_eval: int = 16, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train and held-out examples; the held-out inputs never appear in training."""
+    return distinct_examples(make_example, n_train, n_eval, seed)
+
+
+def distinct_examples(
+    make: Callable[[random.Random], dict[str, str]], n_train: int, n_eval: int, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """`n_train` + `n_eval` examples from `make` with distinct inputs (shared by every demo task)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict] = []
     while len(rows) < n_train + n_eval:
-        row = make_example(rng)
+        row = make(rng)
         if row["input"] not in seen:
             seen.add(row["input"])
             rows.append(row)
