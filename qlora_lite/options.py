@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora_lite.model.peft_methods import INITS, LORA_METHODS, METHODS, TARGET_PRESETS
-from qlora_lite.planner.memory import ATTENTION, COMPUTE_DTYPES, OPTIMIZER_STATE_BYTES, QUANTIZATIONS
+from qlora_lite.planner.memory import (
+    ATTENTION,
+    COMPUTE_DTYPES,
+    OPTIMIZER_STATE_BYTES,
+    PRECISIONS,
+    QUANTIZATIONS,
+)
 
 TRAIN, PLAN, CLASSIFY = "train", "plan", "train-classifier"
 TRAINING = frozenset({TRAIN, CLASSIFY})
@@ -207,6 +213,7 @@ OPTIONS: tuple[Option, ...] = (
     _knob("optimizer", str, "optimizer", choices=tuple(OPTIMIZER_STATE_BYTES), resume="kept", card="optimizer"),
     _knob("attn_implementation", str, "attention kernel", choices=ATTENTION, resume="kept", card="attention"),
     _knob("packing", on_off, "pack several examples per row, without attention across them (causal LM)", metavar="on|off", check=BOOL, resume="kept", card="packing"),
+    _knob("precision", str, "4-bit/8-bit with 16-bit compute: upcast (peft's fp32 embeddings, LM head, norms) or lean (they stay 16-bit, LoRA fp32)", choices=PRECISIONS, resume="kept", card="precision"),
     _knob("chunked_loss", on_off, "loss on supervised positions in chunks: no full fp32 logits (causal LM)", metavar="on|off", check=BOOL, resume="kept", card="chunked loss"),
     _knob("max_memory", str, "memory budget, e.g. 14GiB (default: what the device has)", metavar="SIZE"),
     # never lose work

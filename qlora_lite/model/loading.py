@@ -136,23 +136,32 @@ def attach_lora(
     model_path: str | None = None,
     quantization: str = "nf4",
     modules_to_save: list[str] | None = None,
+    precision: str = "upcast",
 ):
     """Freeze the base, prepare k-bit weights, and attach the PEFT method of `settings` (LoRA by default).
 
-    PiSSA/LoftQ on a 4-bit base read the original weights from `model_path` (see model/peft_init.py)."""
+    PiSSA/LoftQ on a 4-bit base read the original weights from `model_path` (see model/peft_init.py).
+    precision "upcast": peft's `prepare_model_for_kbit_training` (embeddings, LM head and norms cast to fp32,
+    so the residual stream runs in fp32). "lean": the frozen non-quantized parts stay in the compute dtype;
+    only the PEFT weights (and so their gradients and optimizer state) are fp32. With fp16 the norms and the
+    residual stream stay fp32 (fp16's range is too small for them); the loop adds a loss scaler."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from qlora_lite.model.peft_init import apply_own_init, initial_adapter, peft_init_value
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     gc_kwargs = {"use_reentrant": False}
-    if quantized:
+    if precision not in ("upcast", "lean"):
+        raise UserError(f"precision {precision!r} is not one of upcast, lean")
+    if quantized and precision == "upcast":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
     else:
         for param in model.parameters():
             param.requires_grad = False
+        if quantized:
+            _keep_fp16_stable(model)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
@@ -178,6 +187,18 @@ def attach_lora(
     # PiSSA/OLoRA changed the base: keep the initial adapter to save a plain LoRA on the original base.
     peft_model.qlora_lite_initial_adapter = initial_adapter(peft_model, settings)
     return peft_model
+
+
+def _keep_fp16_stable(model) -> None:  # noqa: ANN001
+    """fp16 only: norms (tiny) in fp32, and the embeddings' output cast to fp32 so the residual stream is fp32;
+    the large embedding and LM head matrices stay fp16."""
+    params = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
+    if not any(p.dtype == torch.float16 for p in params):
+        return
+    for param in params:
+        if param.dtype == torch.float16 and param.dim() == 1:
+            param.data = param.data.float()
+    model.get_input_embeddings().register_forward_hook(lambda _module, _args, output: output.float())
 
 
 def load_classification_base(

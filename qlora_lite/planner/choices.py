@@ -206,3 +206,37 @@ def explain_fast_paths(reasons, shape, task, chunked_loss, packing, seq, lengths
     else:
         reasons["chunked_loss"] = "off: the model's own loss on every position (full fp32 logits)"
     return packing
+
+
+def default_precision(task: str, quantization: str, compute_dtype: str) -> str:
+    """lean for a causal LM on a k-bit base with 16-bit compute (a classifier's trained head must stay fp32;
+    at fp32 compute there is nothing to save)."""
+    return "lean" if task == "causal_lm" and quantization != "none" and compute_dtype != "fp32" else "upcast"
+
+
+def explain_precision(reasons, shape, base, seq, knobs, est) -> None:  # noqa: ANN001
+    """Which parts are fp32 and why, with the peak of the other choice."""
+    dtype, precision = base["compute_dtype"], base["precision"]
+    if dtype == "fp32":
+        reasons["precision"] = "fp32 compute: every part is fp32 either way"
+        return
+    if base["quantization"] == "none":
+        reasons["precision"] = f"16-bit LoRA: the base stays {dtype}, LoRA weights fp32"
+        return
+    other = "upcast" if precision == "lean" else "lean"
+    alt = estimate_memory(shape, **{**base, "precision": other}, seq_len=seq, **knobs)
+    vs = f"peak {format_bytes(est.peak_bytes)}; {other} would need {format_bytes(alt.peak_bytes)}"
+    if precision == "upcast":
+        reasons["precision"] = (
+            f"upcast (peft's default): embeddings, LM head, norms and residual stream fp32; {vs}"
+        )
+    elif dtype == "fp16":
+        reasons["precision"] = (
+            f"lean: embeddings and LM head stay fp16, norms and the residual stream fp32 (fp16's range), LoRA "
+            f"weights and optimizer state fp32, loss scaled; {vs}"
+        )
+    else:
+        reasons["precision"] = (
+            f"lean: embeddings, LM head, norms and the residual stream stay bf16, only LoRA weights and their "
+            f"optimizer state are fp32; {vs}"
+        )

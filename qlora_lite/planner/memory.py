@@ -34,6 +34,7 @@ from typing import Any
 from qlora_lite.errors import UserError
 from qlora_lite.model.peft_methods import CostTerms, PeftSettings
 from qlora_lite.model.peft_methods import shape_targets as lora_targets  # noqa: F401 (re-exported)
+from qlora_lite.planner.multi_device import spread
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 COMPUTE_DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -60,6 +61,10 @@ _LOGITS_PER_VOCAB = {4: 12.0, 2: 12.1}
 # bytes per element: fp32 logits + logsumexp's temporary, under 16-bit autocast also the 16-bit logits/softmax.
 CHUNK_ELEMENTS = 2**23
 _CHUNK_BYTES = {4: 8.0, 2: 12.0}
+# precision "upcast": peft's fp32 embeddings, LM head, norms (and so residual stream); "lean": they stay in the
+# 16-bit compute dtype, only LoRA is fp32 (model/loading.py). Lean bf16 activations relative to the upcast fit.
+PRECISIONS = ("upcast", "lean")
+_LEAN_ACTIVATIONS = 0.8
 _RECOMPUTE_FACTOR = {
     4: 1.6,
     2: 1.3,
@@ -330,6 +335,7 @@ def estimate_memory(
     world_size: int = 1,
     fsdp: bool = False,
     chunked_loss: bool = False,
+    precision: str = "upcast",
 ) -> MemoryEstimate:
     """Peak bytes of one LoRA/QLoRA training step on one device, by component. Pure: reads only the config.
 
@@ -341,12 +347,14 @@ def estimate_memory(
     _check("optimizer", optimizer, tuple(OPTIMIZER_STATE_BYTES))
     _check("attn_implementation", attn_implementation, ATTENTION)
     _check("task", task, TASKS)
+    _check("precision", precision, PRECISIONS)
     if micro_batch_size < 1 or seq_len < 1 or lora_r < 1 or world_size < 1:
         raise UserError("micro_batch_size, seq_len, lora_r and world_size must be positive integers")
     shape = config if isinstance(config, ModelShape) else model_shape(config)
     counts = count_parameters(shape, task=task, num_labels=num_labels)
     dbytes = COMPUTE_DTYPES[compute_dtype]
     quantized = quantization != "none"
+    lean = quantized and dbytes == 2 and precision == "lean"
     settings = peft if isinstance(peft, PeftSettings) else PeftSettings.from_record(peft)
     settings = replace(settings, r=lora_r, target_modules=lora_target_modules, dropout=lora_dropout)
     method = settings.entry
@@ -369,13 +377,15 @@ def estimate_memory(
         weights, quant_state = linear * dbytes, 0
     other = counts["embeddings"] + counts["lm_head"] + counts["norms"] + counts["biases"]
     # FSDP-QLoRA keeps the non-quantized weights in the storage (compute) dtype so they shard with the rest.
-    other_bytes = other * (4 if quantized and not fsdp else dbytes)
+    other_bytes = other * (4 if quantized and not fsdp and not lean else dbytes)
 
     lora = cost.trainable_params
     trainable = lora + counts["head"] * (2 if task == "classification" else 1)  # modules_to_save keeps a copy
     optimizer_bytes = (lora + counts["head"]) * OPTIMIZER_STATE_BYTES[optimizer]
 
     layer_act = _layer_activation(shape, dbytes, targets, lora_dropout) + cost.activation_per_token_layer
+    if lean and compute_dtype == "bf16":  # fp16 keeps the residual stream fp32 (its range is too small)
+        layer_act *= _LEAN_ACTIVATIONS
     if attn_implementation == "eager":
         # Softmax output (fp32) per head, plus its 16-bit copy under autocast; and the s x s mask.
         layer_act += shape.num_heads * seq_len * (4 if dbytes == 4 else 6)
@@ -388,11 +398,11 @@ def estimate_memory(
         # training/loss.py: one chunk of logits at a time, plus the gathered hidden states and their gradient.
         chunk = min(tokens, chunk_positions(shape.vocab_size))
         logits = chunk * shape.vocab_size * _CHUNK_BYTES[dbytes] + tokens * h * 8
-        if quantized and dbytes == 2:
+        if quantized and dbytes == 2 and not lean:
             logits += shape.vocab_size * h * 4  # 16-bit copies of the fp32 head: ours and autocast's
     else:
         logits = tokens * shape.vocab_size * _LOGITS_PER_VOCAB[dbytes]
-        if quantized and dbytes == 2:
+        if quantized and dbytes == 2 and not lean:
             logits += (
                 shape.vocab_size * h * 2
             )  # autocast's 16-bit copy of the fp32 lm_head, kept for backward
@@ -418,7 +428,7 @@ def estimate_memory(
     breakdown["peft_init_excess"] = int(max(0, cost.init_bytes - activations - logits - cost.transient_bytes))
     notes += cost.notes
     if world_size > 1:
-        _spread(breakdown, shape, targets, lora_r, weights, dbytes, world_size, fsdp)
+        spread(breakdown, shape, targets, lora_r, weights, dbytes, world_size, fsdp)
     if device == "cpu" and dbytes == 2:
         notes.append("16-bit compute on CPU is about 2x slower than fp32 here")
     return MemoryEstimate(
@@ -428,23 +438,3 @@ def estimate_memory(
         notes=tuple(notes),
         cost=cost,
     )
-
-
-GRADIENT_BUCKET_BYTES = 32 * 1024 * 1024  # training/distributed.py sums gradients in buckets of this size
-
-
-def _spread(breakdown, shape, targets, lora_r, weights, dbytes, world_size, fsdp) -> None:  # noqa: ANN001
-    """Per-device bytes with several devices (in place).
-
-    Data parallel: a full replica per device plus one flat gradient bucket for the all-reduce. FSDP: weights
-    (4-bit storage in the compute dtype), LoRA, its gradients and optimizer states are split over the
-    devices; the quantization state stays whole on each; two blocks (the running one and the prefetched
-    next) are gathered whole at a time; activations, logits and the CUDA context are per device as before.
-    """
-    if not fsdp:
-        breakdown["gradient_sync"] = min(breakdown["lora_grads"], GRADIENT_BUCKET_BYTES)
-        return
-    for key in ("base_linear_weights", "other_params", "lora_params", "lora_grads", "optimizer_states"):
-        breakdown[key] = math.ceil(breakdown[key] / world_size)
-    block_lora = lora_r * sum(layer.in_features + layer.out_features for layer in targets)
-    breakdown["fsdp_gathered_blocks"] = int(2 * (weights / shape.num_layers + block_lora * dbytes))

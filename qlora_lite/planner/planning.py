@@ -21,8 +21,10 @@ from qlora_lite.planner.choices import (  # noqa: F401 (choose_seq_len re-export
     MAX_CHECKPOINT_INTERVAL_S,
     checkpoint_interval,
     choose_seq_len,
+    default_precision,
     explain_choices,
     explain_fast_paths,
+    explain_precision,
     nearest_fit,
     peft_method_cost,
     relative_speed,
@@ -79,6 +81,7 @@ class Plan:
     fsdp: bool = False
     packing: bool = False  # causal LM: several examples per row of max_seq_length tokens
     chunked_loss: bool = False  # causal LM: the loss in chunks on supervised positions
+    precision: str = "upcast"  # "lean": frozen non-quantized parts stay in the 16-bit compute dtype
     shape: ModelShape | None = field(default=None, repr=False, compare=False)
 
     def _estimate(self, **changes: Any):
@@ -104,6 +107,7 @@ class Plan:
             world_size=self.world_size,
             fsdp=self.fsdp,
             chunked_loss=self.chunked_loss,
+            precision=self.precision,
         )
 
     def with_micro_batch(self, n: int) -> Plan:
@@ -127,7 +131,7 @@ class Plan:
             "peak_memory_bytes usable_memory_bytes breakdown quantization double_quant compute_dtype micro_batch_size "
             "gradient_accumulation_steps effective_batch_size max_seq_length gradient_checkpointing optimizer "
             "attn_implementation lora_r task checkpoint_every_seconds fits truncated_examples num_examples "
-            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft packing chunked_loss"
+            "estimated_step_seconds estimated_init_seconds reasons fixed nearest_fit message accelerator world_size fsdp peft packing chunked_loss precision"
         ).split()
         data = {key: getattr(self, key) for key in keys}
         data["hardware"] = self.hardware_name
@@ -164,9 +168,10 @@ class Plan:
                 [("world_size", f"{self.world_size}" + (" (FSDP)" if self.fsdp else ""))]
                 if self.world_size > 1
                 else []
-            ),
+            ),  # fmt: skip
             ("gradient_checkpointing", "on" if self.gradient_checkpointing else "off"),
             ("optimizer", self.optimizer),
+            ("precision", self.precision),
             *[(k, "on" if getattr(self, k) else "off") for k in FAST_PATHS if self.task == "causal_lm"],
             ("checkpoint_every_seconds", str(self.checkpoint_every_seconds)),
             ("peft_method", self.peft.get("description", self.peft.get("method", "lora"))),
@@ -294,6 +299,7 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         world_size=world_size,
         fsdp=fsdp,
         chunked_loss=fixed.get("chunked_loss", task == "causal_lm"),
+        precision=fixed.get("precision", default_precision(task, quantization, dtype)),
     )
     packing = explain_fast_paths(reasons, shape, task, base["chunked_loss"], fixed.get("packing"), seq, data)
 
@@ -361,13 +367,9 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         est = estimate_memory(shape, **base, seq_len=seq, **knobs)
         nearest = nearest_fit(search, seq, per_device)
         smallest = estimate_memory(
-            shape,
-            **base,
-            micro_batch_size=1,
-            seq_len=seq,
-            gradient_checkpointing=method_cost.gradient_checkpointing,
+            shape, **base, micro_batch_size=1, seq_len=seq, gradient_checkpointing=method_cost.gradient_checkpointing,
             optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
-        ).peak_bytes
+        ).peak_bytes  # fmt: skip
         message = (
             f"does not fit: {format_bytes(est.peak_bytes)} needed, {format_bytes(target)} available "
             f"({format_bytes(usable)} usable). The smallest configuration at max_seq_length {seq} "
@@ -393,6 +395,7 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
     else:
         reasons["effective_batch_size"] = f"default {effective}"
     explain_choices(reasons, shape, base, seq, knobs, est, target, usable, per_device)
+    explain_precision(reasons, shape, base, seq, knobs, est)
 
     step_s = step_seconds(
         shape, hw, mb * accumulation * seq * world_size, knobs["gradient_checkpointing"], task, world_size
@@ -441,5 +444,6 @@ def make_plan(model: Any, data: Sequence[int] | None, hardware: HardwareProfile,
         fsdp=fsdp,
         packing=packing,
         chunked_loss=base["chunked_loss"],
+        precision=base["precision"],
         shape=shape,
     )

@@ -76,7 +76,8 @@ def plan_run(
         kept = {
             k: saved[k] for k in (*KEPT_ON_RESUME, "peft") if k in saved
         }  # and the PEFT method as planned
-        if task_knobs.get("task", "causal_lm") == "causal_lm":  # checkpoints from before these knobs: off
+        kept = {"precision": "upcast", **kept}  # checkpoints from before these knobs: what they trained with
+        if task_knobs.get("task", "causal_lm") == "causal_lm":
             kept = {"packing": False, "chunked_loss": False, **kept}
         if isinstance(kept.get("lora_target_modules"), list):
             kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
@@ -175,7 +176,7 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
     lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
     model = attach_lora(
         base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, model_path=source.name,
-        quantization=the_plan.quantization, **attach_kwargs,
+        quantization=the_plan.quantization, precision=the_plan.precision, **attach_kwargs,
     )  # fmt: skip
     model.train()
     for callback in config.callbacks:
