@@ -95,7 +95,7 @@ def test_planner_knobs_are_the_declared_ones_and_the_plan_flags_are_the_knobs():
     assert set(options.KEPT_ON_RESUME) == {
         "quantization", "double_quant", "compute_dtype", "effective_batch_size", "max_seq_length",
         "gradient_checkpointing", "optimizer", "attn_implementation", "lora_r", "lora_target_modules",
-        "packing", "chunked_loss",  # [13]: a checkpoint from before them resumes with both off
+        "packing", "chunked_loss", "precision",  # [13]: checkpoints from before them: off / upcast
     }  # fmt: skip
 
 
