@@ -530,7 +530,7 @@ def adapters() -> nbformat.NotebookNode:
                 rows = HELD_OUT[name]
                 for who in (name, None):
                     answers = adapters.generate([module.prompt_for(r) for r in rows], who, max_new_tokens=new_tokens)
-                    correct = sum(module.is_correct(a.text, r) for a, r in zip(answers, rows))
+                    correct = sum(module.is_correct(a.text, r) for a, r in zip(answers, rows, strict=True))
                     print(f"{name:7} with {who or 'the base':7}: exact match {correct}/{len(rows)}")
             """
         ),
