@@ -30,6 +30,9 @@ SETTINGS = dict(
     progress=False,
     lora_dropout=0.1,
     packing=False,  # the kill points below count one padded micro-batch of 2 examples per forward call
+    # With the chunked loss on, two in-process tests here (CLI resume, vanishing durable folder) were not
+    # bit-exact at the end of the session: an open bug, see the closing note of [13].
+    chunked_loss=False,
 )
 
 
