@@ -265,6 +265,10 @@ def point_libraries_at(url: str, monkeypatch, cache_dir: str | Path) -> None:
 
     # The module-level helpers (huggingface_hub.file_exists, model_info, ...) share one HfApi made at import.
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", url)
+    import transformers.utils.hub
+
+    # transformers keeps its own HfApi, made (with the endpoint of the moment) on first use: make it anew.
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", url)
     monkeypatch.setattr(
         datasets.config, "HUB_DATASETS_URL", url + "/datasets/{repo_id}/resolve/{revision}/{path}"

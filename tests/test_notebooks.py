@@ -413,7 +413,7 @@ def test_setup_says_how_to_mount_drive(clean_env, monkeypatch):
     with pytest.raises(UserError, match=re.escape("drive.mount('/content/drive')")):
         notebook.setup_colab("run", "drive", hardware=_t4())
     unmounted = clean_env / "unmounted" / "MyDrive" / "ckpt"
-    with pytest.raises(UserError, match="Google Drive is not mounted"):
+    with pytest.raises(UserError, match="is on Google Drive, but Drive is not mounted at .*drive.mount"):
         notebook.setup_colab("run", str(unmounted), hardware=_t4())
     assert notebook.setup_colab("run", "auto", hardware=_t4()).checkpoint_dir is None
 

@@ -281,9 +281,16 @@ def test_the_memory_model_charges_each_method_its_own_terms(tiny_model):
     assert planned(init="pissa").estimated_init_seconds > 0 == lora.estimated_init_seconds
     assert planned(method="ia3").breakdown["lora_params"] < lora.breakdown["lora_params"] / 10
     prompt = planned(method="prompt_tuning", num_virtual_tokens=64)
-    # 64 more positions per sequence at the loss: micro-batch 4 x 64 x vocab x 12.1 B (fp16 on a T4)
+    # 64 more positions per sequence at the loss: with the model's own loss, micro-batch 4 x 64 x vocab x
+    # 12.1 B (fp16 on a T4); with the chunked loss one chunk of logits either way, so only the gathered hidden
+    # states (4 x 64 x hidden x 8 B) grow.
     extra = prompt.breakdown["logits_loss"] - lora.breakdown["logits_loss"]
-    assert extra == pytest.approx(4 * 64 * SMOLLM2["vocab_size"] * 12.1, rel=1e-3)
+    assert extra == pytest.approx(4 * 64 * SMOLLM2["hidden_size"] * 8, rel=1e-3)
+    whole = {
+        name: plan(SMOLLM2, peft=PeftSettings(**peft), chunked_loss=False, **knobs).breakdown["logits_loss"]
+        for name, peft in (("lora", {}), ("prompt", {"method": "prompt_tuning", "num_virtual_tokens": 64}))
+    }
+    assert whole["prompt"] - whole["lora"] == pytest.approx(4 * 64 * SMOLLM2["vocab_size"] * 12.1, rel=1e-3)
     fewer = planned(rank_pattern={"down_proj": 1})
     assert fewer.breakdown["lora_params"] < lora.breakdown["lora_params"]
     attention, mlp = (plan(SMOLLM2, lora_target_modules=p, **knobs) for p in ("attention", "mlp"))

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import qlora_lite
-from qlora_lite.checkpoint.durable import FolderBackend
+from qlora_lite.checkpoint.durable import FolderBackend, _make_folders_below
 from qlora_lite.checkpoint.manifest import CheckpointInfo, verify_checkpoint
 from qlora_lite.checkpoint.resume import run_identity
 from qlora_lite.checkpoint.store import CheckpointStore
@@ -138,6 +138,29 @@ def test_the_copier_does_not_count_a_vanished_checkpoint_as_copied(tmp_path):
     store._copier.submit(info)
     assert store.last_durable_error is not None and "vanished" in store.last_durable_error
     assert not store.flush()
+
+
+def test_a_mount_that_vanishes_mid_copy_is_never_rebuilt_on_the_local_disk(tmp_path):
+    mount = tmp_path / "drive"
+    mount.mkdir()
+    away = tmp_path / "drive-away"
+
+    def copy_then_unmount(src: Path, dst: Path) -> None:
+        if mount.exists():
+            mount.rename(away)  # Drive drops out while the checkpoint's nested files are being written
+        shutil.copyfile(src, dst)
+
+    local = CheckpointStore(tmp_path / "local", keep=5)
+    info = local.save(1, {"a.bin": b"x", "adapter/adapter_model.safetensors": b"y"}, {})
+    backend = FolderBackend(mount / "MyDrive" / "run", copy_file=copy_then_unmount)
+    for _ in range(2):  # the failed copy, then the retry
+        with pytest.raises(OSError):
+            backend.upload(info.path, info.name)
+        assert not mount.exists()  # no bare folder where the mount was: the next copy would "succeed" there
+    assert not (away / "MyDrive" / "run" / info.name).exists()
+    with pytest.raises(FileNotFoundError):  # the helper the upload uses never creates its top folder
+        _make_folders_below(mount / "gone", Path("adapter/sub"))
+    assert not mount.exists()
 
 
 # --------------------------------------------------------------------- 3. durable places tell runs apart

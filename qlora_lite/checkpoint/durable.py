@@ -186,6 +186,15 @@ class DurableBackend(ABC):
         return []
 
 
+def _make_folders_below(top: Path, relative: Path) -> None:
+    """Create `top/relative` one level at a time, never `top` or its parents: with parents=True a mount that
+    vanished mid-copy would be rebuilt on the local disk, and every later copy would land there."""
+    folder = top
+    for part in relative.parts:
+        folder = folder / part
+        folder.mkdir(exist_ok=True)
+
+
 class FolderBackend(DurableBackend):
     """Any mounted folder (Google Drive on Colab, a network share, a second disk).
 
@@ -236,7 +245,7 @@ class FolderBackend(DurableBackend):
             tmp.mkdir()
             manifest = json.loads((local_dir / MANIFEST).read_bytes())
             for file_name in manifest["files"]:
-                (tmp / file_name).parent.mkdir(parents=True, exist_ok=True)
+                _make_folders_below(tmp, Path(file_name).parent)
             for file_name in sorted(manifest["files"]):
                 self.copy_file(local_dir / file_name, tmp / file_name)
             # The manifest goes last, so a copy cut short never has one.

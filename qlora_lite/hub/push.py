@@ -90,7 +90,9 @@ def _upload_contents(run_dir: Path, card: str, base_id: str | None) -> dict[str,
         contents["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     contents["README.md"] = card.encode()
     record = json.loads(contents[RUN_RECORD])
-    contents[RUN_RECORD] = (json.dumps(without_local_paths(record), indent=2, sort_keys=True) + "\n").encode()
+    public_record = without_local_paths(record)
+    if public_record != record:  # rewrite only when a path was cut: otherwise the bytes go up as written
+        contents[RUN_RECORD] = (json.dumps(public_record, indent=2) + "\n").encode()
     return contents
 
 
