@@ -148,7 +148,10 @@ def test_push_creates_a_private_repo_in_one_commit_with_a_card(fake, run):
     remote = fake.files("alice/orders-adapter")
     for name in UPLOADED - {"README.md", "run_record.json"}:
         assert remote[name] == (run / name).read_bytes(), name
-    pushed_record, local_record = json.loads(remote["run_record.json"]), json.loads((run / "run_record.json").read_text())
+    pushed_record, local_record = (
+        json.loads(remote["run_record.json"]),
+        json.loads((run / "run_record.json").read_text()),
+    )
     assert pushed_record["data"]["source"] == "orders.jsonl"  # the training machine's folders stay home
     assert {**pushed_record, "data": local_record["data"]} == local_record
     assert snapshot(run) == before
