@@ -15,6 +15,7 @@ branch is squashed (`HfApi.super_squash_history(repo_id, branch="checkpoints")`)
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -148,7 +149,13 @@ class HubBackend(DurableBackend):
 
         manifest = json.loads((local_dir / MANIFEST).read_bytes())
         wanted = {f"{self._folder(name)}/{f}": entry for f, entry in manifest["files"].items()}
-        wanted[f"{self._folder(name)}/{MANIFEST}"] = {"size": (local_dir / MANIFEST).stat().st_size}
+        manifest_bytes = (local_dir / MANIFEST).read_bytes()
+        # With its digest too: the Hub reports a sha256 for every LFS file, and a missing one must not read as
+        # a mismatch (it did, and every copy was retried until the run's end).
+        wanted[f"{self._folder(name)}/{MANIFEST}"] = {
+            "size": len(manifest_bytes),
+            "sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        }
         try:
             self._ensure_repo()
             there = self._remote(self._folder(name))
