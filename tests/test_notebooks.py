@@ -106,7 +106,7 @@ def kernel_env(tmp_path, monkeypatch, checkout_repo) -> dict[str, Path]:
     monkeypatch.setenv("QLORA_LITE_DRIVE_ROOT", str(drive))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved token
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     # The kernel imports the qlora_lite its %pip line installed, not a checkout on PYTHONPATH.
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("PATH", f"{overlay / 'bin'}{os.pathsep}{os.environ['PATH']}")
@@ -219,6 +219,7 @@ def test_quickstart_runs_in_smoke_mode_and_reruns_without_reinstalling(kernel_en
     assert (kernel_env["work"] / "runs" / "quickstart" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # about a minute: the quickstart runs by default; the APIs it uses are tested directly
 def test_python_api_runs_in_smoke_mode(kernel_env):
     nb = execute(read("python_api.ipynb", kernel_env["repo"]), kernel_env["work"])
     text = all_text(nb)
@@ -235,6 +236,7 @@ def test_python_api_runs_in_smoke_mode(kernel_env):
     assert "image/png" in mime_types(nb)
 
 
+@pytest.mark.slow  # about a minute: the quickstart runs by default; the APIs it uses are tested directly
 def test_resume_notebook_interrupts_and_resumes_from_drive(kernel_env):
     nb = execute(read("resume.ipynb", kernel_env["repo"]), kernel_env["work"])
     text = all_text(nb)
@@ -249,6 +251,7 @@ def test_resume_notebook_interrupts_and_resumes_from_drive(kernel_env):
     assert any((kernel_env["drive"] / "qlora_lite" / "resume-demo").glob("checkpoint-*"))
 
 
+@pytest.mark.slow  # about a minute: the quickstart runs by default; the APIs it uses are tested directly
 def test_adapters_notebook_switches_routes_and_merges(kernel_env):
     nb = execute(read("adapters.ipynb", kernel_env["repo"]), kernel_env["work"])
     text = all_text(nb)

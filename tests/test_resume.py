@@ -95,11 +95,12 @@ def reference(tiny_model, data_file, tmp_path_factory) -> Path:
     [
         (2 * 7, 3, 6),  # mid-epoch, at the first micro-batch of step 7
         (2 * 5 + 1, 2, 4),  # inside a gradient-accumulation cycle: the second micro-batch of step 5
-        (
+        pytest.param(  # across the epoch boundary (11 steps per epoch): checkpoint in epoch 1, kill in epoch 2
             2 * 14,
             5,
             10,
-        ),  # across the epoch boundary (11 steps per epoch): checkpoint in epoch 1, kill in epoch 2
+            marks=pytest.mark.slow,  # by default the random-kills run resumes in epoch 1 and crosses it
+        ),
     ],
     ids=["mid-epoch", "inside-accumulation", "across-epochs"],
 )
@@ -121,13 +122,17 @@ def test_killed_and_rerun_matches_the_uninterrupted_run(
     assert_same_run(out, reference)
 
 
-def test_twenty_random_kills_while_saving_and_copying(tiny_model, data_file, reference, tmp_path):
+# Twenty kills take two minutes: four (about 30 s) by default, all twenty in the slow tier.
+@pytest.mark.parametrize(
+    "wanted_kills", [4, pytest.param(20, marks=pytest.mark.slow)], ids=lambda n: f"{n}-kills"
+)
+def test_random_kills_while_saving_and_copying(tiny_model, data_file, reference, tmp_path, wanted_kills):
     """Checkpoints every step with a durable copy, so kills land inside saves and copies too."""
     out, durable = tmp_path / "run", tmp_path / "drive"
     settings = {**SETTINGS, "save_every_steps": 1, "checkpoint_dir": str(durable)}
-    rng = random.Random(20261130)
+    rng = random.Random(20261130 + wanted_kills)
     last_step, kills, completions = 0, 0, 0
-    while kills < 20:
+    while kills < wanted_kills:
         already_done = (out / "run_record.json").exists()  # killed after finishing, before exiting
         proc = run_worker(tiny_model, data_file, out, settings, kill_after_seconds=rng.uniform(0.0, 0.35))
         if proc.returncode == 0:  # the run finished before the timer fired: it must equal the reference
