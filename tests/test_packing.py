@@ -128,3 +128,18 @@ def test_fast_paths_are_chosen_after_checking_the_model(tiny_models):
     paths = choose_fast_paths(model, examples, 0, "cpu", None, packing=True, chunked_loss=True, capacity=64)
     assert paths.packing and paths.pack_capacity == 64 and paths.loss.chunked and not paths.notes
     assert model.training
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["planned-on", "turned-off"])
+def test_the_run_record_says_which_fast_paths_the_steps_used(tiny_model, tmp_path, fast):
+    import json
+
+    import qlora_lite
+
+    rows = [{"instruction": f"Say {i}", "output": f"It is {i}, yes indeed."} for i in range(8)]
+    result = qlora_lite.train(
+        tiny_model, rows, tmp_path / "run", max_steps=1, effective_batch_size=4, micro_batch_size=4, lora_r=4,
+        progress=False, eval_fraction=0.0, packing=fast, chunked_loss=fast,
+    )  # fmt: skip
+    used = json.loads(result.run_record.read_text())["fast_paths"]
+    assert (used["packing"], used["chunked_loss"], used["notes"]) == (fast, fast, [])

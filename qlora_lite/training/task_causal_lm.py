@@ -221,9 +221,16 @@ class CausalLM:
     def finish(self, model, tokenizer, prepared: PreparedData, runner, state, out: Path) -> Finished:
         config = self.config
         generation_config_for(model, tokenizer).save_pretrained(out)  # stop at the learned end-of-turn too
+        fast = getattr(runner.objective, "fast", None)
         record: dict[str, Any] = {
             "generation_eval": None,
             "chat_template": {"template": self.template, "end_of_turn": end_of_turn(tokenizer)},
+            # What the step really used: the plan asks, the check on the loaded model may have said no.
+            "fast_paths": {
+                "packing": bool(fast and fast.packing),
+                "chunked_loss": bool(fast and fast.loss.chunked),
+                "notes": list(fast.notes) if fast else [],
+            },
         }
         if not (config.eval_generations or config.sample_generations):
             return Finished(record=record)
