@@ -44,3 +44,12 @@ def build_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_jsonl(folder: Path, rows: list[dict], name: str = "train.jsonl") -> str:
+    """`rows` as a JSON-lines data file in `folder`; its path as a string (what train() takes)."""
+    import json
+
+    path = Path(folder) / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from models_util import write_jsonl
 from safetensors.torch import load_file
 
 from qlora_lite.checkpoint.store import CheckpointStore
@@ -189,9 +190,7 @@ def environment() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return str(path)
+    return write_jsonl(tmp_path_factory.mktemp("data"), ROWS)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models_util import write_jsonl
 from safetensors.torch import load_file
 
 from qlora_lite.checkpoint.store import CheckpointStore
@@ -76,9 +77,7 @@ def one_thread_like_the_workers():
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return str(path)
+    return write_jsonl(tmp_path_factory.mktemp("data"), ROWS)
 
 
 @pytest.fixture(scope="module")
