@@ -164,6 +164,14 @@ def write_table(results: dict, path: Path) -> None:
     path.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
 
 
+def _summarize(results: dict) -> None:
+    """What is missing, from the rows themselves (a partial or repeated run must not keep stale lists)."""
+    done = {(r["task"], r["method"]) for r in results["runs"] if "error" not in r}
+    tasks = ("demo", "classify")
+    results["methods_not_run"] = sorted({m for m in METHODS for t in tasks if (t, m) not in done})
+    results["tasks_not_run"] = [t for t in tasks if not any(task == t for task, _ in done)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-steps", type=int, default=8)
@@ -188,8 +196,8 @@ def main() -> int:
         device=device, cpu_count=os.cpu_count(), machine=platform.processor() or platform.machine(),
         torch=torch.__version__, demo_steps=args.demo_steps, classify_steps=args.classify_steps,
         note=(f"Budget: {args.demo_steps} steps x 8 examples on the demo, {args.classify_steps} steps x 16 on "
-              "the classifier, per method, on a CPU shared with other jobs (2 cores): seconds are comparable "
-              "within a run only roughly, and accuracies rank what each method learns in a few steps."),
+              "the classifier, per method, on a 2-core CPU: seconds are comparable within a run only, and "
+              "accuracies rank what each method learns in a few steps, not where each ends up."),
         reading=("Peak memory is the peak of live tensors (CPU) from model ready through the probe and the "
                  "first optimizer step. LoRA-family rates 3e-4 (demo), IA3 3e-3, prompt tuning 3e-2, prefix "
                  "tuning 3e-3; classifier rates 3x those (IA3 10x)."),
@@ -207,6 +215,7 @@ def main() -> int:
                 row = {"task": task, "method": name, "error": f"{type(exc).__name__}: {exc}"}
             print(json.dumps(row), flush=True)
             results["runs"].append(row)
+            _summarize(results)
             out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             write_table(results, ROOT / "docs" / "peft_methods.md")
     return 0

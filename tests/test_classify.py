@@ -358,3 +358,12 @@ def test_classify_demo_beats_the_majority_baseline(tmp_path):
     summary = run_classify_demo(str(tmp_path / "demo"), progress=False)
     assert summary["accuracy_after"] >= summary["majority_baseline_accuracy"] + 0.5
     assert summary["accuracy_after_reloaded"] == pytest.approx(summary["accuracy_after"], abs=0.02)
+
+
+def test_prefix_tuning_on_an_encoder_is_refused_before_any_step(tiny_bert, tmp_path):
+    # PEFT itself fails at the first forward with a ValueError; the run folder must stay empty of checkpoints.
+    with pytest.raises(
+        UserError, match="prefix tuning of a classifier needs a model that takes past_key_values; bert"
+    ):
+        train_classifier(tiny_bert, ROWS, str(tmp_path / "run"), peft_method="prefix_tuning", **FAST)
+    assert not (tmp_path / "run" / "checkpoints").exists()

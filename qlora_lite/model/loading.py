@@ -176,6 +176,12 @@ def attach_lora(
     )
     if method.peft_type == "LORA":
         config.init_lora_weights = peft_init_value(settings, quantized)
+    if method.peft_type == "PREFIX_TUNING" and task == "classification" and not _takes_past_key_values(model):
+        # PEFT's sequence-classification wrapper finds out only at the first forward (a ValueError mid-run).
+        raise UserError(
+            f"prefix tuning of a classifier needs a model that takes past_key_values; {model.config.model_type} "
+            "does not here: use --peft-method prompt_tuning or lora"
+        )
     try:
         peft_model = get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
@@ -223,6 +229,18 @@ def load_classification_base(
         attn_implementation=attn_implementation,
         task="classification",
         **config_kwargs,
+    )
+
+
+def _takes_past_key_values(model) -> bool:  # noqa: ANN001
+    """What PEFT's prefix tuning of a classifier checks at forward time: the model or its backbone takes
+    past_key_values (transformers 5 decoders call it `cache`, so PEFT refuses them too)."""
+    import inspect
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return any(
+        module is not None and "past_key_values" in inspect.signature(module.forward).parameters
+        for module in (model, backbone)
     )
 
 
