@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from qlora_lite.compat import keep_4bit_weights_differentiable
 from qlora_lite.data.encoding import ensure_chat_template
 from qlora_lite.data.templates import stop_strings
 from qlora_lite.errors import UserError
@@ -80,9 +79,6 @@ class AdapterSet:
             self.base_id, quantization=self.quantization, double_quant=plan.get("double_quant", True),
             compute_dtype=self.compute_dtype, accelerator=accelerator, revision=self.revision,
         )  # fmt: skip
-        # No CPU repacking of 4-bit weights in a set: a DoRA adapter may arrive after answers were given, and
-        # its norms must read the weights as trained (the repacking is not exactly undone): see compat.
-        keep_4bit_weights_differentiable(self._model)
         self._model.config.use_cache = True  # training turns the KV cache off; generation wants it
         self._model.eval()
         self._peft: Any = None  # the PeftModel, made when the first adapter arrives
