@@ -96,7 +96,6 @@ def build_qwen2_like(folder: Path) -> Path:
 def measure_step(path: str, *, micro_batch_size: int, seq_len: int, gradient_checkpointing: bool) -> dict:
     """Tracked peak of the second of two QLoRA steps (4-bit NF4 + double quant, fp32 compute, LoRA r16)."""
     from qlora_lite.model.loading import LoraSettings, attach_lora, load_base_model
-    from qlora_lite.planner.peak import track_peak
 
     model = load_base_model(
         path, quantization="nf4", double_quant=True, compute_dtype="fp32", accelerator="cpu"
@@ -105,11 +104,18 @@ def measure_step(path: str, *, micro_batch_size: int, seq_len: int, gradient_che
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (micro_batch_size, seq_len))
+    return _second_of_two_steps(model, optimizer, lambda: model(input_ids=ids, labels=ids).loss)
+
+
+def _second_of_two_steps(model, optimizer, loss_of_step) -> dict:  # noqa: ANN001
+    """Run two optimizer steps; the tracked peak and seconds of the second (optimizer state present)."""
+    from qlora_lite.planner.peak import track_peak
+
     seconds = 0.0
     for _ in range(2):
         start = time.perf_counter()
         with track_peak("cpu", [model, optimizer]) as peak:
-            model(input_ids=ids, labels=ids).loss.backward()
+            loss_of_step().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
@@ -132,7 +138,6 @@ def measure_fast_step(path: str, *, seq_len: int, packed: bool, compute_dtype: s
     """Tracked peak of the second of two QLoRA steps through the trainer's own batching and chunked loss."""
     from qlora_lite.data.encoding import Example
     from qlora_lite.model.loading import LoraSettings, attach_lora, load_base_model
-    from qlora_lite.planner.peak import track_peak
     from qlora_lite.training.batching import collate_rows
     from qlora_lite.training.loop import autocast
     from qlora_lite.training.loss import LossPath
@@ -152,19 +157,12 @@ def measure_fast_step(path: str, *, seq_len: int, packed: bool, compute_dtype: s
     batch = collate_rows([examples], 0, "cpu", packed=packed)
     denominator = int(len(batch.loss_targets))
     dtype = torch.bfloat16 if compute_dtype == "bf16" else None
-    seconds = 0.0
-    for _ in range(2):
-        start = time.perf_counter()
-        with track_peak("cpu", [model, optimizer]) as peak:
-            with autocast("cpu", dtype):
-                loss = LossPath(chunked=True)(model, batch, denominator)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
-    del model, optimizer
-    gc.collect()
-    return {"measured_bytes": peak.peak_bytes, "baseline_bytes": peak.baseline_bytes, "step_seconds": seconds}
+
+    def loss_of_step() -> torch.Tensor:
+        with autocast("cpu", dtype):
+            return LossPath(chunked=True)(model, batch, denominator)
+
+    return _second_of_two_steps(model, optimizer, loss_of_step)
 
 
 def fast_path_rows(models: dict[str, str]) -> list[dict]:
