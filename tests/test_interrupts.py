@@ -163,9 +163,8 @@ def test_an_interrupt_at_any_point_of_a_step_saves_that_step_exactly(
     signum = getattr(signal, signame)
     sender = SignalAt(signum, point)
     logger = logging.getLogger("qlora_lite")
-    caplog.set_level(
-        logging.INFO, logger="qlora_lite"
-    )  # the "save" point listens for the INFO line "saved ..."
+    # The "save" point listens for the INFO line "saved ...".
+    caplog.set_level(logging.INFO, logger="qlora_lite")
     handler = logging.Handler()
     handler.emit = sender.emit
     logger.addHandler(handler)

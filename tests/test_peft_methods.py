@@ -166,9 +166,8 @@ def test_method_trains_saves_and_loads_with_plain_peft(name, tiny_model, data_fi
         torch.testing.assert_close(plain, _logits(model), rtol=1e-4, atol=1e-4)
 
 
-RESUME_FAST = (
-    "dora",
-)  # by default a LoRA variant; the base-changing inits and prompt methods in the slow tier
+# By default a LoRA variant resumes after a kill; the base-changing inits and prompt methods in the slow tier.
+RESUME_FAST = ("dora",)
 
 
 @pytest.mark.parametrize(

@@ -147,9 +147,9 @@ class HubBackend(DurableBackend):
         """Push one verified checkpoint as one commit, then check the Hub lists every file at its size."""
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-        manifest = json.loads((local_dir / MANIFEST).read_bytes())
-        wanted = {f"{self._folder(name)}/{f}": entry for f, entry in manifest["files"].items()}
         manifest_bytes = (local_dir / MANIFEST).read_bytes()
+        manifest = json.loads(manifest_bytes)
+        wanted = {f"{self._folder(name)}/{f}": entry for f, entry in manifest["files"].items()}
         # With its digest too: the Hub reports a sha256 for every LFS file, and a missing one must not read as
         # a mismatch (it did, and every copy was retried until the run's end).
         wanted[f"{self._folder(name)}/{MANIFEST}"] = {
