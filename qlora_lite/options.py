@@ -197,7 +197,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("rslora", bool, False, "scale by alpha/sqrt(r) instead of alpha/r", action="store_true", commands=EVERYWHERE, resume="match_if_set", peft="rslora", recipe_names=("use_rslora", "peft_use_rslora")),
     Option("lora_plus_ratio", float, None, "LoRA+: B matrices learn at R x the learning rate", metavar="R", check=above(0), commands=EVERYWHERE, resume="match_if_set", peft="lora_plus_ratio", recipe_names=("loraplus_lr_ratio",)),
     Option("init_lora_weights", str, "default", "LoRA init (default: A random, B zero)", choices=tuple(INITS), commands=EVERYWHERE, resume="match_if_set", peft="init"),
-    Option("loftq_iter", int, 1, "LoftQ alternations", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="loftq_iter"),
+    Option("loftq_iter", int, 1, "LoftQ alternations (more than 1 rewrites the 4-bit base: saved in loftq_base/ and shipped with the adapter)", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="loftq_iter"),
     Option("rank_pattern", pattern_arg, None, "per-layer ranks", metavar="REGEX=R,...", commands=EVERYWHERE, resume="match_if_set", peft="rank_pattern"),
     Option("alpha_pattern", pattern_arg, None, "per-layer alphas", metavar="REGEX=A,...", commands=EVERYWHERE, resume="match_if_set", peft="alpha_pattern"),
     Option("num_virtual_tokens", int, 20, "virtual tokens of prompt/prefix tuning", check=at_least(1), commands=EVERYWHERE, resume="match_if_set", peft="num_virtual_tokens"),

@@ -19,6 +19,7 @@ CHECKPOINTS = "checkpoints"  # checkpoints/checkpoint-N/
 MANIFEST = "manifest.json"  # inside each checkpoint: files, sizes, sha256, step
 STAGING = ".staging-"  # prefix of a checkpoint being written (never read as a checkpoint)
 LOCK_FILE = ".qlora-lite.lock"  # held (flock) by the process training in the folder: owner pid and host
+LOFTQ_BASE = "loftq_base"  # the 4-bit base LoftQ rewrote (more than one iteration): the adapter's own base
 ORIGIN_FILE = "qlora_lite_origin.json"  # {"hub_id": ...} in a model folder converted from a Hub model
 
 # What a finished run consists of (removed together by `overwrite`).

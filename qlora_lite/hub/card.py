@@ -160,6 +160,14 @@ def render_model_card(
     ])  # fmt: skip
     plot = "\n## Loss\n\n![training and eval loss](loss.png)\n" if (folder / "loss.png").is_file() else ""
     base_ref = base_id or "PATH/TO/THE/SAME/BASE/MODEL"
+    base_args = f'"{base_ref}"'
+    own_base = record.get("loftq_base")
+    if own_base:  # LoftQ rewrote the 4-bit base: the adapter is right only on the base pushed beside it
+        base_args = f'"{repo_id}", subfolder="{own_base["folder"]}"'
+        base_text += (
+            f" — LoftQ rewrote its 4-bit weights while fitting the adapter: load the base saved in "
+            f"`{own_base['folder']}/` of this repo (a 4-bit transformers folder), not the original"
+        )
     body = f"""
 # {repo_id.split("/")[-1]}
 
@@ -178,11 +186,11 @@ A {peft.get("description", "LoRA")} adapter for {base_text}, trained with qlora_
 
 {metric_table}
 {plot}
-{_classifier_usage(repo_id, base_ref) if classifier else _generation_usage(repo_id, base_ref)}"""
+{_classifier_usage(repo_id, base_args) if classifier else _generation_usage(repo_id, base_args)}"""
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
 
-def _generation_usage(repo_id: str, base_ref: str) -> str:
+def _generation_usage(repo_id: str, base_args: str) -> str:
     return f"""## Usage
 
 With plain PEFT (`generation_config.json` holds the stop tokens: the model's EOS and the end of a turn):
@@ -191,7 +199,7 @@ With plain PEFT (`generation_config.json` holds the stop tokens: the model's EOS
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-base = AutoModelForCausalLM.from_pretrained("{base_ref}")
+base = AutoModelForCausalLM.from_pretrained({base_args})
 model = PeftModel.from_pretrained(base, "{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 model.generation_config = GenerationConfig.from_pretrained("{repo_id}")
@@ -213,7 +221,7 @@ or `qlora-lite generate {repo_id} --prompt "Hello!"`.
 """
 
 
-def _classifier_usage(repo_id: str, base_ref: str) -> str:
+def _classifier_usage(repo_id: str, base_args: str) -> str:
     return f"""## Usage
 
 A text classifier: LoRA plus a trained head (saved through PEFT's `modules_to_save`); `labels.json` holds
@@ -229,7 +237,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 labels = json.load(open(hf_hub_download("{repo_id}", "labels.json")))
 base = AutoModelForSequenceClassification.from_pretrained(
-    "{base_ref}", num_labels=labels["num_labels"], id2label=labels["id2label"], label2id=labels["label2id"],
+    {base_args}, num_labels=labels["num_labels"], id2label=labels["id2label"], label2id=labels["label2id"],
     pad_token_id=labels["pad_token_id"],
 )
 model = PeftModel.from_pretrained(base, "{repo_id}").eval()

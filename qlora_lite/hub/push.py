@@ -89,6 +89,10 @@ def _upload_contents(run_dir: Path, card: str, base_id: str | None) -> dict[str,
         config["base_model_name_or_path"] = base_id
         contents["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     contents["README.md"] = card.encode()
+    own_base = json.loads(contents[RUN_RECORD]).get("loftq_base")
+    if own_base:  # the 4-bit base LoftQ rewrote: the adapter loads onto it alone
+        for path in sorted((run_dir / own_base["folder"]).iterdir()):
+            contents[f"{own_base['folder']}/{path.name}"] = path.read_bytes()
     record = json.loads(contents[RUN_RECORD])
     public_record = without_local_paths(record)
     if public_record != record:  # rewrite only when a path was cut: otherwise the bytes go up as written

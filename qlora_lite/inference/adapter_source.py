@@ -43,11 +43,22 @@ class AdapterSource:
 
     @property
     def base_identity(self) -> dict[str, Any]:
-        """{"path", "revision", "config_sha256", "hub_id"} as far as known (plain PEFT folders: the name only)."""
+        """{"path", "revision", "config_sha256", "hub_id"} as far as known (plain PEFT folders: the name only);
+        an adapter trained on the base LoftQ rewrote adds that base's `loftq_sha256`."""
+        if self.own_base:
+            sha256 = self.record["loftq_base"]["sha256"]  # type: ignore[index]
+            return {"path": self.own_base, "revision": None, "config_sha256": None, "hub_id": None,
+                    "loftq_sha256": sha256}  # fmt: skip
         if self.record and self.record.get("base_model"):
             return dict(self.record["base_model"])
         name = self.config.get("base_model_name_or_path")
         return {"path": name, "revision": self.config.get("revision"), "config_sha256": None, "hub_id": None}
+
+    @property
+    def own_base(self) -> str | None:
+        """The 4-bit base LoftQ rewrote (more than one iteration), saved beside the adapter: its only base."""
+        own = (self.record or {}).get("loftq_base")
+        return str(self.folder / own["folder"]) if own else None
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -79,6 +90,7 @@ class AdapterSource:
             "alpha_pattern": cfg.get("alpha_pattern") or {},
             "bias": cfg.get("bias", "none"),
             "quantization": self.quantization,
+            "own_base": self.own_base,
             "size_bytes": weights.stat().st_size if weights.is_file() else None,
         }
 
@@ -103,6 +115,13 @@ def base_mismatch(adapter: AdapterSource, base: dict[str, Any]) -> str | None:
     Same local revision hash, same Hub id (and commit when both know it), same path, or the same config
     hash all count as the same base; a different config hash or commit is a different one."""
     mine = adapter.base_identity
+    if mine.get("loftq_sha256") or base.get("loftq_sha256"):  # a base LoftQ rewrote matches itself only
+        if mine.get("loftq_sha256") == base.get("loftq_sha256"):
+            return None
+        here = base.get("hub_id") or base.get("path")
+        if mine.get("loftq_sha256"):
+            return f"it was trained on its own 4-bit base {mine['path']} (LoftQ rewrote it) and this base is {here}"
+        return f"this base is the 4-bit base another run's LoftQ rewrote, and it was trained on {mine.get('path')}"
     if mine.get("revision") and mine.get("revision") == base.get("revision"):
         return None
     trained = mine.get("hub_id") or mine.get("path")

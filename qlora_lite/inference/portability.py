@@ -51,6 +51,11 @@ def _vllm(facts: dict[str, Any], names: list[str]) -> dict[str, Any]:
         notes.append("LoRA on embeddings needs --lora-extra-vocab-size support in your vLLM version")
     if facts["task"] == "classification":
         notes.append("a classifier: vLLM serves it only through its pooling/classification runner")
+    if facts.get("own_base"):
+        notes.append(
+            f"serve it on the 4-bit base LoftQ rewrote: vllm serve {facts['own_base']} --quantization "
+            "bitsandbytes --enable-lora (on the original base its outputs are wrong)"
+        )
     return {"ok": not reasons, "reasons": reasons, "notes": notes}
 
 
@@ -71,6 +76,11 @@ def _llama_cpp(facts: dict[str, Any], names: list[str]) -> dict[str, Any]:
         reasons.append("per-module ranks/alphas (rank_pattern, alpha_pattern) are ignored by the converter")
     if facts["task"] == "classification":
         reasons.append("a classifier head cannot be converted; llama.cpp LoRA is for generation")
+    if facts.get("own_base"):
+        reasons.append(
+            "it belongs to the 4-bit base LoftQ rewrote, which convert_hf_to_gguf.py cannot read (bitsandbytes "
+            "weights): merge it (qlora-lite merge) and convert the merged model instead"
+        )
     if not reasons:
         notes.append("convert with llama.cpp's convert_lora_to_gguf.py --base <base model folder>")
     return {"ok": not reasons, "reasons": reasons, "notes": notes}
@@ -102,6 +112,7 @@ def format_report(report: dict[str, Any]) -> str:
         ),
         ("rank_pattern", str(report.get("rank_pattern") or "none")),
         ("trained on", report.get("quantization") or "unknown"),
+        ("own base", report.get("own_base") or "no (the original base)"),
         ("size", f"{size / 2**20:.2f} MiB in {report['tensors']} tensors" if size else "unknown"),
     ]
     for key, label in (("vllm", "vLLM"), ("llama_cpp", "llama.cpp")):

@@ -107,6 +107,8 @@ def load_base_model(
     """Load the frozen base, quantized as asked. Errors from a missing model become one UserError."""
     kwargs: dict[str, Any] = dict(model_kwargs)
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
+    if qconfig is not None and _saved_quantized(model_path):
+        qconfig = None  # a folder saved in 4-bit (a LoftQ run's base) loads with its own quantization config
     if qconfig is not None:
         if task == "classification":
             # The head is trained and saved whole (modules_to_save); transformers' own guess of what to keep
@@ -127,6 +129,14 @@ def load_base_model(
     return model
 
 
+def _saved_quantized(model_path: str) -> bool:
+    config = Path(model_path) / "config.json"
+    try:
+        return config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def attach_lora(
     model,
     settings: PeftSettings,
@@ -137,10 +147,12 @@ def attach_lora(
     quantization: str = "nf4",
     modules_to_save: list[str] | None = None,
     precision: str = "upcast",
+    own_init: bool = True,
 ):
     """Freeze the base, prepare k-bit weights, and attach the PEFT method of `settings` (LoRA by default).
 
-    PiSSA/LoftQ on a 4-bit base read the original weights from `model_path` (see model/peft_init.py).
+    PiSSA/LoftQ on a 4-bit base read the original weights from `model_path` (see model/peft_init.py);
+    `own_init=False` skips that work (a resume whose checkpoint and saved base replace it).
     precision "upcast": peft's `prepare_model_for_kbit_training` (embeddings, LM head and norms cast to fp32,
     so the residual stream runs in fp32). "lean": the frozen non-quantized parts stay in the compute dtype;
     only the PEFT weights (and so their gradients and optimizer state) are fp32. With fp16 the norms and the
@@ -188,7 +200,7 @@ def attach_lora(
         raise UserError(
             f"{settings.describe()} cannot be attached to this model (targets {targets!r}): {exc}"
         ) from exc
-    if method.peft_type == "LORA":
+    if method.peft_type == "LORA" and own_init:
         apply_own_init(peft_model, settings, model_path or "", quantization if quantized else "none")
     # PiSSA/OLoRA changed the base: keep the initial adapter to save a plain LoRA on the original base.
     peft_model.qlora_lite_initial_adapter = initial_adapter(peft_model, settings)
@@ -271,6 +283,15 @@ def base_model_of(adapter, record: dict | None) -> str | None:
     recorded commit (`org/name@sha`)."""
     if record is None:
         return None
+    own = record.get("loftq_base")
+    if own:  # LoftQ rewrote the 4-bit base: the adapter is right only on the base saved beside it
+        folder = Path(adapter) / own["folder"]
+        if not folder.is_dir():
+            raise UserError(
+                f"{adapter} was trained on its own 4-bit base (LoftQ with more than one iteration) and {folder} "
+                "is missing: copy the whole run folder, or download the whole Hub repo"
+            )
+        return str(folder)
     base = record.get("base_model", {})
     path = base.get("path")
     if path and Path(path).is_dir():

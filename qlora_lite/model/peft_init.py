@@ -7,8 +7,10 @@ Here both read the original full-precision weights one matrix at a time from the
 
 - PiSSA (QPiSSA): A, B = the top-r singular triplets of W (S divided by the LoRA scaling, as PEFT does);
   the 4-bit base becomes Q(W - s*B@A), quantized with the layer's own settings.
-- LoftQ (1 iteration): A, B = the top-r singular triplets of W - deq(Q(W)), where Q(W) is the layer's own
-  4-bit weight, so the base stays exactly as loaded and the adapter loads with plain PEFT.
+- LoftQ: A, B = the top-r singular triplets of W - deq(Q(W)), where Q(W) is the layer's own 4-bit weight; with
+  one iteration the base stays exactly as loaded. Each further iteration re-quantizes Q = Q(W - s*B@A) and fits
+  A, B to W - deq(Q) again (PEFT's `loftq_init` alternation), which rewrites the 4-bit base: the run then
+  keeps that base beside the adapter (model/loftq_base.py).
 
 PiSSA and OLoRA leave W - s*B0@A0 in the base; `save_adapter` converts the trained adapter to a plain LoRA
 of rank 2r on the original base (PEFT's documented conversion: A' = [A; A0], B' = [B, -B0]), keeping
@@ -112,6 +114,9 @@ def apply_own_init(model, settings: PeftSettings, model_path: str, quantization:
             _requantize(base, weight - scaling * (lora_b @ lora_a))
         else:
             lora_a, lora_b = _top_r(weight - _dequantized(base), r, scaling)
+            for _ in range(settings.loftq_iter - 1):
+                _requantize(base, weight - scaling * (lora_b @ lora_a))
+                lora_a, lora_b = _top_r(weight - _dequantized(base), r, scaling)
         module.lora_A["default"].weight.data = lora_a.contiguous().to(module.lora_A["default"].weight.dtype)
         module.lora_B["default"].weight.data = lora_b.contiguous().to(module.lora_B["default"].weight.dtype)
         if "default" in getattr(module, "lora_magnitude_vector", {}):

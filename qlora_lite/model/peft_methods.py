@@ -213,12 +213,6 @@ class Lora(PeftMethod):
                 f"{s.init} init with rsLoRA and rank/alpha patterns cannot be saved as a plain LoRA adapter "
                 "(PEFT cannot convert it): drop --rslora or the patterns"
             )
-        if s.init == "loftq" and s.loftq_iter > 1:
-            out.append(
-                "loftq_iter > 1 replaces the 4-bit base weights themselves (Q(W - AB) instead of Q(W)): the "
-                "adapter would then load with plain PEFT only onto that modified base; use loftq_iter=1 "
-                "(the base stays as loaded) or init_lora_weights='pissa'"
-            )
         return out
 
     def peft_config(self, s: PeftSettings, *, task_type: str, targets: Any, modules_to_save: Any) -> Any:
@@ -265,6 +259,11 @@ class Lora(PeftMethod):
             iters = s.loftq_iter if s.init == "loftq" else 1
             init_bytes = 4 * biggest * 4  # fp32 weight, residual, U/Vh factors of the largest matrix
             notes.append(f"{s.init}: a one-off {init.decomposition.upper()} of each target matrix at start")
+            if s.init == "loftq" and iters > 1:
+                notes.append(
+                    f"loftq: {iters} iterations re-quantize the base, so the run saves that 4-bit base "
+                    "(loftq_base/) once and ships it with the adapter"
+                )
         else:
             iters, init_flops = 1, 0.0
         return CostTerms(

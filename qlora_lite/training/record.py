@@ -10,7 +10,7 @@ import platform
 import time
 from pathlib import Path
 
-from qlora_lite.run_files import LOSS_PLOT, ORIGIN_FILE, RUN_CONFIG, RUN_RECORD, STEP_LOG  # noqa: F401
+from qlora_lite.run_files import LOSS_PLOT, MANIFEST, ORIGIN_FILE, RUN_CONFIG, RUN_RECORD, STEP_LOG  # noqa: F401
 
 TRACKED_PACKAGES = (
     "qlora-lite",
@@ -61,6 +61,10 @@ def model_identity(model) -> dict[str, str | None]:
     origin = path / ORIGIN_FILE
     if origin.is_file():  # a folder made from a Hub model (the demo's converted GGUF) says where it came from
         identity["hub_id"] = json.loads(origin.read_text()).get("hub_id")
+    if (path / MANIFEST).is_file():  # a base LoftQ rewrote (model/loftq_base.py): told apart by its weights
+        from qlora_lite.model.loftq_base import loftq_sha256
+
+        identity["loftq_sha256"] = loftq_sha256(path)
     if path.is_dir():
         config = path / "config.json"
         if config.is_file():

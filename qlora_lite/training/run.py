@@ -21,6 +21,7 @@ from qlora_lite.checkpoint.resume import Checkpointer, run_identity
 from qlora_lite.checkpoint.store import CheckpointInfo
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
+from qlora_lite.model import loftq_base
 from qlora_lite.model.loading import attach_lora, check_has_weights, load_tokenizer, torch_dtype
 from qlora_lite.model.peft_init import save_adapter
 from qlora_lite.model.peft_methods import PeftSettings
@@ -174,10 +175,14 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
     )
     base, attach_kwargs = task.load_model(source, the_plan, accelerator, tokenizer)
     lora = PeftSettings.from_record(the_plan.peft)  # the method, its rank and targets, as planned
+    # LoftQ past one round rewrites the 4-bit base: a resume takes the saved one instead of recomputing it.
+    own_base = loftq_base.needs_own_base(lora)
     model = attach_lora(
         base, lora, gradient_checkpointing=the_plan.gradient_checkpointing, model_path=source.name,
-        quantization=the_plan.quantization, precision=the_plan.precision, **attach_kwargs,
+        quantization=the_plan.quantization, precision=the_plan.precision,
+        own_init=not (own_base and latest is not None), **attach_kwargs,
     )  # fmt: skip
+    base_entry = _own_base(model, tokenizer, lora, out, store, latest, ranks, source) if own_base else None
     model.train()
     for callback in config.callbacks:
         if hasattr(callback, "on_model_ready"):
@@ -210,7 +215,10 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
         best.restore(store.read(latest, BEST_ADAPTER))
     checkpointer = Checkpointer(
         store, model, optimizer, scheduler, extra_files=best.checkpoint_files,
-        metadata={**checkpoint_metadata(identity, the_plan, store, run_config), "world_size": ranks.world_size},
+        metadata={
+            **checkpoint_metadata(identity, the_plan, store, run_config), "world_size": ranks.world_size,
+            "loftq_base_sha256": base_entry and base_entry["sha256"],
+        },
         every_seconds=every_seconds, every_steps=config.save_every_steps, grad_scaler=grad_scaler,
     )  # fmt: skip
     if ranks.active:
@@ -258,6 +266,7 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
         "kept": best.best_weights is not None,
     }
     record["stopped_early_at"] = state.stopped_early_at
+    record["loftq_base"] = base_entry  # None unless LoftQ rewrote the base: then the adapter's base is here
     record["measured_peak"] = {"bytes": state.measured_peak_bytes, "how": state.measured_peak_how}
     write_json_atomic(out / RUN_RECORD, record)
     log.info("saved the adapter and run record in %s", out)
@@ -271,6 +280,20 @@ def _run(config: TrainConfig, task: Task, ranks: dp.Ranks, cleanup: contextlib.E
         out, out, out / RUN_RECORD, plot, metrics, the_plan, latest.step if latest else None,
         **task.result_fields(out, record),
     )  # fmt: skip
+
+
+def _own_base(model, tokenizer, lora, out: Path, store, latest, ranks: dp.Ranks, source) -> dict[str, Any]:
+    """Save the base LoftQ rewrote (a fresh start; rank 0), or put the saved one into `model` (a resume)."""
+    if latest is None:
+        entry = None
+        if ranks.is_main:
+            entry = loftq_base.save(model, tokenizer, out, lora, made_from=model_identity(source))
+            loftq_base.copy_to_durable(store, out)
+        return dp.from_main(entry, ranks)
+    sha256 = latest.metadata.get("loftq_base_sha256")
+    entry = dp.from_main(loftq_base.restore(out, store, sha256) if ranks.is_main else None, ranks)
+    loftq_base.load_into(model, out / entry["folder"])  # the other ranks read the folder rank 0 verified
+    return entry
 
 
 def run_steps(

@@ -9,6 +9,7 @@ import logging
 import math
 import random
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from qlora_lite.checkpoint.store import CheckpointInfo, CheckpointStore, default
 from qlora_lite.config import TrainConfig
 from qlora_lite.errors import UserError
 from qlora_lite.model.peft_methods import parameter_groups
-from qlora_lite.run_files import CHECKPOINTS, RUN_CONFIG, RUN_FILES  # noqa: F401 (re-exported)
+from qlora_lite.run_files import CHECKPOINTS, LOFTQ_BASE, RUN_CONFIG, RUN_FILES  # noqa: F401 (re-exported)
 from qlora_lite.training.batching import fullest_rows
 from qlora_lite.training.interrupts import DeferredInterrupts
 from qlora_lite.training.loop import LoopState, OutOfMemoryAtMicroBatchOne
@@ -70,6 +71,7 @@ def prepare_output_dir(config: TrainConfig, task_files: tuple[str, ...] = ()) ->
     if config.overwrite and out.is_dir():
         for name in (*RUN_FILES, *task_files):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / LOFTQ_BASE, ignore_errors=True)  # a LoftQ run's base (model/loftq_base.py)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
