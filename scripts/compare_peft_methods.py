@@ -37,6 +37,7 @@ METHODS = {
     "pissa": ({"init_lora_weights": "pissa"}, 3e-4),
     "olora": ({"init_lora_weights": "olora"}, 3e-4),
     "loftq": ({"init_lora_weights": "loftq"}, 3e-4),
+    "loftq_5iter": ({"init_lora_weights": "loftq", "loftq_iter": 5}, 3e-4),
     "lora_attention": ({"lora_target_modules": "attention"}, 3e-4),
     "ia3": ({"peft_method": "ia3"}, 3e-3),
     "prompt_tuning": ({"peft_method": "prompt_tuning", "num_virtual_tokens": 16}, 3e-2),
