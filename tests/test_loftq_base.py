@@ -178,3 +178,22 @@ def test_the_frozen_base_stays_the_saved_one_during_training(tiny_model, data_fi
         assert torch.equal(tensor, snap.frozen[key]), key
     weight = f"base_model.model.{Q_PROJ}.base_layer.weight"
     assert torch.equal(snap.frozen[weight].view(-1), saved[Q_PROJ + ".weight"].view(-1))
+
+
+def test_a_classifier_run_keeps_its_base_and_loads_onto_it(tiny_models, tmp_path):
+    from test_classify import FAST
+    from test_classify import ROWS as LABELLED
+
+    from qlora_lite.inference.classification import load_classifier
+
+    out = tmp_path / "clf"
+    qlora_lite.train_classifier(
+        tiny_models["llama"], LABELLED, str(out), init_lora_weights="loftq", loftq_iter=3, **FAST
+    )
+    saved = load_file(out / "loftq_base" / "model.safetensors")
+    classifier = load_classifier(out)  # no forward yet: the 4-bit bytes are as loaded
+    layer = classifier.model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+    assert torch.equal(layer.weight.data.view(-1), saved[Q_PROJ + ".weight"].view(-1))
+    original = load_classifier(out, model=tiny_models["llama"])  # forcing the original base: other bytes
+    layer = original.model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+    assert not torch.equal(layer.weight.data.view(-1), saved[Q_PROJ + ".weight"].view(-1))
