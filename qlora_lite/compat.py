@@ -21,7 +21,11 @@ from typing import Any
 # mode without grad on CPU, and keeps it so: later training steps then go through `gemv_4bit`, which has no
 # autograd, and the gradients reaching LoRA layers below it are silently wrong. Evaluation inside a training
 # run triggers exactly that. DoRA inference breaks the same way: its weight norms dequantize the repacked bytes
-# (plain PEFT logits off by ~0.1 on a tiny model), so DoRA adapters load with the guard on too. Can go when bitsandbytes undoes the packing on `.train()` (set the version here).
+# (plain PEFT logits off by ~0.1 on a tiny model), and the inverse repacking is not exact (1e-3 left), so a DoRA
+# adapter loaded into an AdapterSet after answers were given read other weights. Every base qlora_lite loads
+# (training and inference) has the repacking off: the kernel training used, one set of numbers everywhere (CPU
+# logits ~3e-3 from plain PEFT's repacked kernel on such CPUs; GPUs are unaffected). Can go when bitsandbytes
+# undoes the packing on `.train()` and exactly (set the version here).
 BNB_REPACK_FIXED_IN: tuple[int, ...] | None = None
 
 

@@ -37,7 +37,11 @@ def _base(path: str, quantization: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )  # fmt: skip
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kwargs).eval()
+    from qlora_lite.compat import keep_4bit_weights_differentiable
+
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kwargs).eval()
+    keep_4bit_weights_differentiable(model)  # the kernel qlora_lite runs on every CPU (qlora_lite.compat)
+    return model
 
 
 def _ids(tokenizer, prompts=PROMPTS) -> torch.Tensor:

@@ -155,3 +155,16 @@ def test_combine_cli_writes_an_adapter_that_loads_back(tiny_model, made, tmp_pat
         cli_main(["combine", made["r4"], made["r8"], "--method", "linear", "--output", str(tmp_path / "x")])
         == 2
     )
+
+
+def test_a_dora_adapter_loaded_after_generations_reads_unpacked_4bit_weights(made, tiny_model, tmp_path):
+    """bitsandbytes repacks 4-bit weights at the first eval-mode forward on AVX512-BF16 CPUs, and DoRA's norms
+    then read the repacked bytes: an AdapterSet that already answered with a LoRA adapter must give a DoRA
+    adapter loaded later the logits of a set that only ever held it (elsewhere nothing is repacked)."""
+    lora_run = _qlora_run(made["r4"], tiny_model, tmp_path / "r4")
+    dora_run = _qlora_run(made["dora"], tiny_model, tmp_path / "dora")
+    used = AdapterSet(tiny_model, {"r4": lora_run})
+    used.logits(IDS, "r4")  # an eval-mode forward: the repacking happens here where the CPU has the kernel
+    used.load("dora", dora_run)
+    fresh = AdapterSet(tiny_model, {"dora": dora_run})
+    torch.testing.assert_close(used.logits(IDS, "dora"), fresh.logits(IDS, "dora"), rtol=0, atol=1e-6)

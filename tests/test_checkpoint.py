@@ -388,3 +388,39 @@ def test_sigkill_at_random_moments_never_leaves_latest_corrupt(tmp_path):
         newest = info.step
     assert newest >= 5  # the loop made progress between kills
     assert mid_write >= 1  # and some kills landed inside a save or a copy
+
+
+def test_a_run_folder_that_is_not_a_checkpoint_is_copied_once_and_retried_after_a_fault(tmp_path, caplog):
+    """A LoftQ run's base: uploaded under its own name, never listed or rotated as a checkpoint; a copy that
+    fails is retried after the next checkpoint copy (checkpoint/run_assets.py)."""
+    from qlora_lite.checkpoint.manifest import build_manifest, manifest_bytes, sha256_file
+
+    asset = tmp_path / "loftq_base"
+    asset.mkdir()
+    (asset / "model.safetensors").write_bytes(payload(0, 0, 5000))
+    size, sha = sha256_file(asset / "model.safetensors")
+    manifest = build_manifest(0, {"model.safetensors": {"size": size, "sha256": sha}}, {})
+    (asset / MANIFEST).write_bytes(manifest_bytes(manifest))
+    failing = {"on": True}
+
+    def copy(src: Path, dst: Path) -> None:
+        if failing["on"] and src.name == "model.safetensors":
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", str(dst))
+        copy_file_fsync(src, dst)
+
+    drive = tmp_path / "drive"
+    store = CheckpointStore(
+        tmp_path / "local", backend=FolderBackend(drive, copy_file=copy), background=False
+    )
+    caplog.set_level(logging.WARNING)
+    assert not store.assets.copy(asset, "loftq-base-abc")  # the first try fails: a warning, no exception
+    assert warnings_about(caplog, "retried after the next checkpoint copy")
+    assert not (drive / "loftq-base-abc").exists()
+    failing["on"] = False
+    for step in (1, 2, 3):  # the place works again: the first checkpoint copy takes the folder along
+        store.save(step, files_for(step), {})
+    assert (drive / "loftq-base-abc" / "model.safetensors").read_bytes() == (
+        asset / "model.safetensors"
+    ).read_bytes()
+    assert published(drive) == ["checkpoint-000002", "checkpoint-000003"]  # rotation left it alone
+    assert store.latest().step == 3

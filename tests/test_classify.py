@@ -97,6 +97,9 @@ def plain_peft_probabilities(base: str, run_dir: Path, texts: list[str], quantiz
             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["score", "classifier"],
         )  # fmt: skip
     model = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32, **kwargs)
+    from qlora_lite.compat import keep_4bit_weights_differentiable
+
+    keep_4bit_weights_differentiable(model)  # the kernel qlora_lite runs on every CPU (qlora_lite.compat)
     model = PeftModel.from_pretrained(model, str(run_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
     with torch.no_grad():

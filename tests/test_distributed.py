@@ -209,17 +209,13 @@ def cli_flags(settings: dict) -> list[str]:
     return flags
 
 
-def run_ranks(tiny_model, data_file, out, settings, **kill) -> subprocess.CompletedProcess:
+def run_ranks(
+    tiny_model, data_file, out, settings, processes: int = 2, **kill
+) -> subprocess.CompletedProcess:
+    """The worker under torchrun with `processes` ranks (1: the worker alone, without torchrun)."""
     job = {"model": tiny_model, "data": data_file, "out": str(out), "settings": settings, **kill}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        WORKER,
-        json.dumps(job),
-    ]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [sys.executable, *(launcher if processes > 1 else []), WORKER, json.dumps(job)]
     return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600)
 
 
@@ -334,3 +330,29 @@ def test_same_world_size_resumes_bit_for_bit_under_torchrun_and_accelerate(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from_step"] in (3, 4)
     assert_same_training(out, tmp_path / "torchrun", 0.0)
+
+
+def test_loftq_iterations_under_torchrun_write_one_base_and_resume_on_it(tiny_model, data_file, tmp_path):
+    """LoftQ past one iteration rewrites the 4-bit base: rank 0 saves it, every rank trains on the same base,
+    and a relaunch after a killed rank puts the saved base back on both ranks (model/loftq_base.py)."""
+    settings = {
+        **SETTINGS,
+        "max_steps": 4,
+        "save_every_steps": 2,
+        "init_lora_weights": "loftq",
+        "loftq_iter": 3,
+    }
+    one = tmp_path / "one"
+    assert run_ranks(tiny_model, data_file, one, settings, processes=1).returncode == 0
+    out = tmp_path / "ranks"
+    # rank 1's training forwards: 1 probe, then one per step: #4 is step 3, after the checkpoint of step 2
+    killed = run_ranks(tiny_model, data_file, out, settings, kill_at_forward=4, kill_rank=1)
+    assert killed.returncode != 0 and CheckpointStore(out / "checkpoints").latest().step == 2
+    saved = (out / "loftq_base" / "model.safetensors").read_bytes()
+    assert saved == (one / "loftq_base" / "model.safetensors").read_bytes()
+    relaunched = run_ranks(tiny_model, data_file, out, settings)
+    assert relaunched.returncode == 0, relaunched.stderr[-4000:]
+    assert (out / "loftq_base" / "model.safetensors").read_bytes() == saved
+    got, want = losses(out), losses(one)
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+    assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(got, want, strict=True)), (got, want)

@@ -51,6 +51,7 @@ from qlora_lite.checkpoint.manifest import (
     verify_checkpoint,
 )
 from qlora_lite.checkpoint.rotation import Rotation
+from qlora_lite.checkpoint.run_assets import RunAssets
 from qlora_lite.errors import UserError
 from qlora_lite.run_files import STAGING  # noqa: F401 (re-exported)
 
@@ -134,6 +135,7 @@ class CheckpointStore:
         self._copier = (
             DurableCopier(self.backend, background, retry_seconds, self._after_copy) if self.backend else None
         )
+        self.assets = RunAssets(self.backend)  # the run's folders that are not checkpoints (a LoftQ base)
 
     @property
     def run_id(self) -> str | None:
@@ -258,6 +260,7 @@ class CheckpointStore:
 
     def _after_copy(self, job: CheckpointInfo) -> None:
         assert self.backend is not None
+        self.assets.retry()  # the durable place works again: a folder that failed earlier goes now
         path = self.backend.folder(job.name) or job.path
         self._verified[("durable", job.name)] = CheckpointInfo(
             path, job.step, job.manifest, job.written_unix, "durable"

@@ -126,6 +126,9 @@ def load_base_model(
     except OSError as exc:
         raise UserError(f"could not load model {model_path!r}: {str(exc).splitlines()[0]}") from exc
     model.config.use_cache = False
+    # Every base runs bitsandbytes' training kernel, in training and inference alike: its CPU inference
+    # repacking breaks LoRA gradients and DoRA norms and is not exactly undone (see qlora_lite.compat).
+    keep_4bit_weights_differentiable(model)
     return model
 
 
@@ -177,7 +180,6 @@ def attach_lora(
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
-    keep_4bit_weights_differentiable(model)  # an upstream bug: see qlora_lite.compat
     method = settings.entry
     targets = module_targets(model, settings.target_modules) if method.uses_lora_targets else None
     config = method.peft_config(
@@ -350,11 +352,6 @@ def load_for_inference(
     if adapter is not None:
         from peft import PeftModel
 
-        config = Path(adapter) / "adapter_config.json"
-        if config.is_file() and json.loads(config.read_text()).get("use_dora"):
-            keep_4bit_weights_differentiable(
-                base_model
-            )  # DoRA norms of repacked bytes: see qlora_lite.compat
         base_model = PeftModel.from_pretrained(base_model, str(adapter))
         if (Path(adapter) / GENERATION_CONFIG).is_file():  # the run's stop tokens (see data.templates)
             from transformers import GenerationConfig

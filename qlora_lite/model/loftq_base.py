@@ -134,20 +134,10 @@ def verified_manifest(folder: Path) -> dict | None:
 
 
 def copy_to_durable(store: Any, out: Path) -> None:
-    """Copy `out/loftq_base/` to the store's durable place (once per run); a failure is a warning, as for
-    checkpoints, and a resume on another machine will then say what is missing."""
-    backend = getattr(store, "backend", None)
-    if backend is None or store.run_id is None:
-        return
-    try:
-        backend.upload(out / LOFTQ_BASE, durable_name(store.run_id))
-    except Exception as exc:  # noqa: BLE001 (a durable fault never stops training)
-        from qlora_lite.checkpoint.copier import describe_error
-
-        log.warning(
-            "could not copy the LoftQ base to %s (%s): a resume on another machine will not find it",
-            backend.description, describe_error(exc),
-        )  # fmt: skip
+    """Copy `out/loftq_base/` to the store's durable place (once per run; a failure is retried after each
+    later checkpoint copy, see checkpoint/run_assets.py)."""
+    if getattr(store, "assets", None) is not None and store.run_id is not None:
+        store.assets.copy(out / LOFTQ_BASE, durable_name(store.run_id))
 
 
 def restore(out: Path, store: Any, expected_sha256: str | None) -> dict[str, Any]:
@@ -163,9 +153,10 @@ def restore(out: Path, store: Any, expected_sha256: str | None) -> dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             backend.fetch(durable_name(store.run_id), tmp)
-            if verified_manifest(tmp) is not None:
+            fetched = verified_manifest(tmp)
+            if fetched is not None:
                 publish_dir(tmp, local)
-                manifest = verified_manifest(local)
+                manifest = fetched
         except Exception as exc:  # noqa: BLE001
             log.warning("could not fetch the LoftQ base from %s: %s", backend.description, exc)
         finally:
@@ -185,24 +176,25 @@ def load_into(peft_model: Any, folder: Path) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors import safe_open
 
-    tensors: dict[str, torch.Tensor] = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
     prefix = "base_model.model."
-    count = 0
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        base = module.get_base_layer()
-        if not hasattr(base.weight, "quant_state"):
-            continue
-        key = name[len(prefix) :] + ".weight"
-        stats = {k[len(key) + 1 :]: v for k, v in tensors.items() if k.startswith(key + ".")}
-        if key not in tensors or not stats:
+    layers = {
+        name[len(prefix) :] + ".weight": module.get_base_layer()
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer) and hasattr(module.get_base_layer().weight, "quant_state")
+    }
+    found: dict[str, dict[str, torch.Tensor]] = {key: {} for key in layers}
+    for path in folder.glob("*.safetensors"):  # only the wrapped layers' tensors are read, not the whole base
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                # "<key>" is the packed weight; "<key>.absmax", "<key>.quant_state.bitsandbytes__nf4", ... its stats
+                for key, parts in found.items():
+                    if name == key or name.startswith(key + "."):
+                        parts[name[len(key) + 1 :]] = handle.get_tensor(name)
+    for key, base in layers.items():
+        data, stats = found[key].pop("", None), found[key]
+        if data is None or not stats:
             raise UserError(f"{folder} holds no 4-bit weight {key}: it is not this run's LoftQ base")
         base.weight = bnb.nn.Params4bit.from_prequantized(
-            tensors[key], stats, requires_grad=False, device=base.weight.device, module=base
+            data, stats, requires_grad=False, device=base.weight.device, module=base
         )
-        count += 1
-    return count
+    return len(layers)
