@@ -149,12 +149,14 @@ def test_a_resume_on_a_fresh_machine_takes_the_base_from_the_durable_place(tiny_
     assert refused.returncode != 0 and "no intact copy" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_the_push_carries_the_base_and_a_hub_id_loads_onto_it(loftq_run, hub_server, monkeypatch):
+def test_the_push_carries_the_base_and_a_hub_id_loads_onto_it(loftq_run, tiny_model, hub_server, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "tok-user")
     result = qlora_lite.push(loftq_run, "user/loftq-adapter")
     files = hub_server.files("user/loftq-adapter")
     assert files["loftq_base/model.safetensors"] == (loftq_run / "loftq_base/model.safetensors").read_bytes()
     assert "loftq_base/manifest.json" in result.files
+    made_from = json.loads(files["loftq_base/manifest.json"])["metadata"]["made_from"]
+    assert made_from["path"] == Path(tiny_model).name  # no local folder of the training machine in public
     assert 'subfolder="loftq_base"' in files["README.md"].decode()
     from qlora_lite.model.loading import load_for_inference
 

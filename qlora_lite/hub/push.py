@@ -37,6 +37,7 @@ from qlora_lite.run_files import (
     GENERATION_CONFIG,
     LABELS_FILE,
     LOSS_PLOT,
+    MANIFEST,
     RUN_RECORD,
 )
 
@@ -92,7 +93,12 @@ def _upload_contents(run_dir: Path, card: str, base_id: str | None) -> dict[str,
     own_base = json.loads(contents[RUN_RECORD]).get("loftq_base")
     if own_base:  # the 4-bit base LoftQ rewrote: the adapter loads onto it alone
         for path in sorted((run_dir / own_base["folder"]).iterdir()):
-            contents[f"{own_base['folder']}/{path.name}"] = path.read_bytes()
+            data = path.read_bytes()
+            if path.name == MANIFEST:  # it names the base it was made from: no local folders in public
+                data = (
+                    json.dumps(without_local_paths(json.loads(data)), indent=2, sort_keys=True) + "\n"
+                ).encode()
+            contents[f"{own_base['folder']}/{path.name}"] = data
     record = json.loads(contents[RUN_RECORD])
     public_record = without_local_paths(record)
     if public_record != record:  # rewrite only when a path was cut: otherwise the bytes go up as written
