@@ -149,7 +149,9 @@ def test_a_resume_on_a_fresh_machine_takes_the_base_from_the_durable_place(tiny_
     assert refused.returncode != 0 and "no intact copy" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_the_push_carries_the_base_and_a_hub_id_loads_onto_it(loftq_run, tiny_model, hub_server, monkeypatch):
+def test_the_push_carries_the_base_and_a_hub_id_loads_onto_it(
+    loftq_run, tiny_model, hub_server, monkeypatch, tmp_path
+):
     monkeypatch.setenv("HF_TOKEN", "tok-user")
     result = qlora_lite.push(loftq_run, "user/loftq-adapter")
     files = hub_server.files("user/loftq-adapter")
@@ -162,6 +164,13 @@ def test_the_push_carries_the_base_and_a_hub_id_loads_onto_it(loftq_run, tiny_mo
 
     local, _ = load_for_inference(loftq_run)
     pulled, _ = load_for_inference("user/loftq-adapter")
+    # the base's files go up from disk (never whole in memory), and are still searched for the token
+    leaky = tmp_path / "leaky"
+    shutil.copytree(loftq_run, leaky)
+    with open(leaky / "loftq_base" / "model.safetensors", "ab") as handle:
+        handle.write(b"x" * (1 << 24) + b"tok-user")  # past the first 16 MiB piece
+    with pytest.raises(UserError, match="loftq_base/model.safetensors contains your Hugging Face token"):
+        qlora_lite.push(leaky, "user/leaky")
     with torch.no_grad():
         torch.testing.assert_close(pulled(input_ids=IDS).logits, local(input_ids=IDS).logits, rtol=0, atol=0)
 

@@ -80,10 +80,36 @@ def _check_run_dir(run_dir: Path) -> dict:
         raise UserError(f"{run_dir / 'run_record.json'} is not valid JSON ({exc}); re-run training") from None
 
 
-def _upload_contents(run_dir: Path, card: str, base_id: str | None) -> dict[str, bytes]:
+Content = bytes | Path  # what goes up: bytes, or a file read from disk as it is sent (a LoftQ base's weights)
+
+
+def _size_and_sha256(content: Content) -> tuple[int, str]:
+    if isinstance(content, Path):
+        from qlora_lite.checkpoint.manifest import sha256_file
+
+        return sha256_file(content)
+    return len(content), hashlib.sha256(content).hexdigest()
+
+
+def _holds(content: Content, secret: bytes) -> bool:
+    """Whether `secret` occurs in `content` (a file is read in pieces that overlap by len(secret) - 1)."""
+    if not isinstance(content, Path):
+        return secret in content
+    tail = b""
+    with open(content, "rb") as handle:
+        while piece := handle.read(1 << 24):
+            if secret in tail + piece:
+                return True
+            tail = piece[-(len(secret) - 1) :] if len(secret) > 1 else b""
+    return False
+
+
+def _upload_contents(run_dir: Path, card: str, base_id: str | None) -> dict[str, Content]:
     """What goes up, by path in the repo: adapter, tokenizer, run record, loss plot and the card."""
     names = [*REQUIRED_FILES, *TOKENIZER_FILES, *OPTIONAL_FILES]
-    contents = {name: (run_dir / name).read_bytes() for name in names if (run_dir / name).is_file()}
+    contents: dict[str, Content] = {
+        name: (run_dir / name).read_bytes() for name in names if (run_dir / name).is_file()
+    }
     config = json.loads(contents["adapter_config.json"])
     if base_id and config.get("base_model_name_or_path") != base_id:
         # A local base path would make AutoPeftModel look for a folder that exists only on the training machine.
@@ -93,11 +119,10 @@ def _upload_contents(run_dir: Path, card: str, base_id: str | None) -> dict[str,
     own_base = json.loads(contents[RUN_RECORD]).get("loftq_base")
     if own_base:  # the 4-bit base LoftQ rewrote: the adapter loads onto it alone
         for path in sorted((run_dir / own_base["folder"]).iterdir()):
-            data = path.read_bytes()
+            data: Content = path  # gigabytes for a large model: sent from disk
             if path.name == MANIFEST:  # it names the base it was made from: no local folders in public
-                data = (
-                    json.dumps(without_local_paths(json.loads(data)), indent=2, sort_keys=True) + "\n"
-                ).encode()
+                public = without_local_paths(json.loads(path.read_text()))
+                data = (json.dumps(public, indent=2, sort_keys=True) + "\n").encode()
             contents[f"{own_base['folder']}/{path.name}"] = data
     record = json.loads(contents[RUN_RECORD])
     public_record = without_local_paths(record)
@@ -170,14 +195,17 @@ def push(
     card = render_model_card(folder, repo_id, base_model=base_id, license=license, datasets=datasets)
     contents = _upload_contents(folder, card, base_id)
     for name, data in contents.items():
-        if token and token.encode() in data:
+        if token and _holds(data, token.encode()):
             raise UserError(f"{folder / name} contains your Hugging Face token: remove it; {NOT_PUBLISHED}")
     message = commit_message or default_commit_message(record)
     try:
         repo_url = _ensure_repo(client, repo_id, private)
         if revision and revision != "main":
             with_retries(lambda: client.create_branch(repo_id, revision), f"creating branch {revision}")
-        operations = lambda: [CommitOperationAdd(p, data) for p, data in contents.items()]  # noqa: E731
+        operations = lambda: [  # noqa: E731
+            CommitOperationAdd(p, str(data) if isinstance(data, Path) else data)
+            for p, data in contents.items()
+        ]
         commit_url = with_retries(
             lambda: client.create_commit(repo_id, operations(), commit_message=message, revision=revision),
             f"uploading {folder} to {repo_id}",
@@ -190,7 +218,7 @@ def push(
 
 
 def _verify_upload(
-    client: HubClient, repo_id: str, revision: str | None, contents: dict[str, bytes], commit_url: str
+    client: HubClient, repo_id: str, revision: str | None, contents: dict[str, Content], commit_url: str
 ) -> None:
     """Check that the Hub lists every uploaded file with its size (and sha256 where it reports one)."""
 
@@ -201,12 +229,11 @@ def _verify_upload(
             f"pushed {commit_url}, but listing {repo_id} to verify it failed ({_one_line(exc)}): check the files "
             "on the repo page, or run `qlora-lite push` again"
         ) from None
+    sent = {path: _size_and_sha256(data) for path, data in contents.items()}
     wrong = [
         path
-        for path, data in contents.items()
-        if path not in remote
-        or remote[path].size != len(data)
-        or remote[path].sha256 not in (None, hashlib.sha256(data).hexdigest())
+        for path, (size, sha256) in sent.items()
+        if path not in remote or remote[path].size != size or remote[path].sha256 not in (None, sha256)
     ]
     if wrong:
         raise UserError(
