@@ -167,8 +167,10 @@ def test_the_push_carries_the_base_and_a_hub_id_loads_onto_it(
     # the base's files go up from disk (never whole in memory), and are still searched for the token
     leaky = tmp_path / "leaky"
     shutil.copytree(loftq_run, leaky)
-    with open(leaky / "loftq_base" / "model.safetensors", "ab") as handle:
-        handle.write(b"x" * (1 << 24) + b"tok-user")  # past the first 16 MiB piece
+    weights = leaky / "loftq_base" / "model.safetensors"
+    pad = (1 << 24) - 3 - weights.stat().st_size  # the token straddles the first 16 MiB piece's end
+    with open(weights, "ab") as handle:
+        handle.write(b"x" * pad + b"tok-user")
     with pytest.raises(UserError, match="loftq_base/model.safetensors contains your Hugging Face token"):
         qlora_lite.push(leaky, "user/leaky")
     with torch.no_grad():
