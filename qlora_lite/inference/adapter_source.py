@@ -45,10 +45,10 @@ class AdapterSource:
     def base_identity(self) -> dict[str, Any]:
         """{"path", "revision", "config_sha256", "hub_id"} as far as known (plain PEFT folders: the name only);
         an adapter trained on the base LoftQ rewrote adds that base's `loftq_sha256`."""
-        if self.own_base:
-            sha256 = self.record["loftq_base"]["sha256"]  # type: ignore[index]
+        own = (self.record or {}).get("loftq_base")
+        if own:
             return {"path": self.own_base, "revision": None, "config_sha256": None, "hub_id": None,
-                    "loftq_sha256": sha256}  # fmt: skip
+                    "loftq_sha256": own["sha256"]}  # fmt: skip
         if self.record and self.record.get("base_model"):
             return dict(self.record["base_model"])
         name = self.config.get("base_model_name_or_path")
