@@ -105,16 +105,23 @@ def save(
     tokenizer.save_pretrained(str(staging))
     files = {}
     for path in _weight_files(staging):
+        _fsync(path)  # on disk before the manifest vouches for it, as a checkpoint's files are
         size, sha = sha256_file(path)
         files[path.name] = {"size": size, "sha256": sha}
     metadata = {"loftq_iter": settings.loftq_iter, "made_from": made_from}
     manifest = build_manifest(0, files, metadata)
     (staging / MANIFEST).write_bytes(manifest_bytes(manifest))
+    _fsync(staging / MANIFEST)
     fsync_dir(staging)
     publish_dir(staging, final)
     entry = record_entry(manifest)
     log.info("LoftQ (%d iterations) changed the 4-bit base: saved it in %s", settings.loftq_iter, final)
     return entry
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def record_entry(manifest: dict) -> dict[str, Any]:
@@ -158,7 +165,11 @@ def restore(out: Path, store: Any, expected_sha256: str | None) -> dict[str, Any
                 publish_dir(tmp, local)
                 manifest = fetched
         except Exception as exc:  # noqa: BLE001
-            log.warning("could not fetch the LoftQ base from %s: %s", backend.description, exc)
+            from qlora_lite.checkpoint.copier import describe_error
+
+            log.warning(
+                "could not fetch the LoftQ base from %s: %s", backend.description, describe_error(exc)
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if manifest is None or (expected_sha256 and weights_sha256(manifest) != expected_sha256):
